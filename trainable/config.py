@@ -1,0 +1,299 @@
+"""TrainConfig: the single source of every knob of the trainer, validated at the edge.
+
+Everything a user can set (CLI ``--set a.b=value``, a YAML file, a sweep's search space)
+lands here first. Bad input raises :class:`ConfigError` with one line that names the field
+and what it accepts, before any model, data or cluster work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# There is no model hub here, and on a cluster a hub lookup is a slow, silent network wait:
+# fail fast unless the user opts in by setting HF_HUB_OFFLINE=0 explicitly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
+
+BUILTIN_DATASETS = ("safety", "sentiment")
+BUILTIN_BACKBONES = ("all-MiniLM-L6-v2",)
+DATA_FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: one line, naming the field and what it accepts."""
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "1").lower() not in ("0", "false", "no", "")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNSWEEP_CACHE", Path.home() / ".cache" / "alignsweep"))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DataConfig(_Strict):
+    name: str = "safety"
+    """A built-in recipe (safety, sentiment), a local csv/json/jsonl/parquet file, or a hub id (online only)."""
+    text_column: str = "text"
+    label_column: str = "label"
+    source_column: str | None = None
+    """Optional column naming each item's source; `shift` holds one source out as the test split."""
+    split_seed: int = 0
+    label_noise: float = Field(0.0, ge=0.0, lt=0.5)
+    """Fraction of train labels flipped to another class (validation and test stay clean)."""
+    shift: str | None = None
+    """Hold this source out: train/val on the other sources, test on it (distribution shift)."""
+    text_noise: float = Field(0.1, ge=0.0, le=1.0)
+    """Per-character noise rate of the fixed noisy copy of the test texts (DESIGN §4)."""
+    max_len: int = Field(64, ge=8, le=512)
+
+    @model_validator(mode="after")
+    def _dataset_exists(self) -> DataConfig:
+        if self.name in BUILTIN_DATASETS:
+            return self
+        path = Path(self.name).expanduser()
+        looks_like_file = path.suffix in DATA_FILE_SUFFIXES or os.sep in self.name
+        allowed = f"{', '.join(BUILTIN_DATASETS)}, a local {'/'.join(DATA_FILE_SUFFIXES)} file, or a hub id when online"
+        if looks_like_file:
+            if not path.is_file():
+                raise ValueError(f"dataset file '{self.name}' does not exist; allowed: {allowed}")
+            if path.suffix not in DATA_FILE_SUFFIXES:
+                raise ValueError(f"unsupported file type '{path.suffix}'; allowed: {allowed}")
+        elif hub_offline():
+            raise ValueError(f"'{self.name}' is not a built-in dataset and the hub is offline (HF_HUB_OFFLINE=1); allowed: {allowed}")
+        return self
+
+
+class PerturbConfig(_Strict):
+    """How delta is built for the noise-robust term (DESIGN §3)."""
+
+    kind: Literal["gaussian", "fgsm", "pgd"] = "pgd"
+    norm: Literal["l2", "linf"] = "l2"
+    space: Literal["features", "embeddings"] = "features"
+    steps: int = Field(3, ge=1, le=100)
+    step_scale: float = Field(2.5, gt=0.0)
+    """PGD step size = step_scale * epsilon / steps (Madry et al.'s 2.5 eps / k)."""
+
+
+class EvalAttackConfig(PerturbConfig):
+    """The fixed evaluation attack of DESIGN §4: the same for every trial of a sweep."""
+
+    steps: int = Field(10, ge=1, le=100)
+    epsilon: float = Field(0.05, ge=0.0)
+
+
+class TeacherConfig(_Strict):
+    source: Literal["finetune", "model", "column"] = "finetune"
+    """finetune: the backbone fine-tuned end to end on train; model: a local HF classifier; column: logits in the data."""
+    path: str | None = None
+    column: str | None = None
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(5e-5, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _source_inputs(self) -> TeacherConfig:
+        if self.source == "model" and not (self.path and Path(self.path).is_dir()):
+            raise ValueError(f"source=model needs path= a local model directory (got {self.path!r})")
+        if self.source == "column" and not self.column:
+            raise ValueError("source=column needs column= the name of a logits/probabilities column")
+        return self
+
+
+Method = Literal["ckt_ro", "ce", "kd", "adv"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class TrainConfig(_Strict):
+    """One trial of contrastive knowledge transfer + robust optimization (DESIGN §3)."""
+
+    method: Method = "ckt_ro"
+    """ckt_ro: the full method; baselines switch terms off: ce (w=0, alpha=1, lambda=0), kd (alpha=1), adv (w=0)."""
+    backbone: str = "all-MiniLM-L6-v2"
+    pooling: Literal["mean", "cls"] = "mean"
+    head: Literal["linear", "mlp", "lora"] = "mlp"
+    head_hidden: int = Field(256, ge=1)
+    lora_rank: int = Field(8, ge=1)
+    teacher: TeacherConfig = TeacherConfig()
+    tau: float = Field(2.0, gt=0.0)
+    distill_weight: float = Field(1.0, ge=0.0)
+    kd_direction: Literal["forward", "reverse"] = "forward"
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    epsilon: float = Field(0.1, ge=0.0)
+    """Training perturbation budget, relative to the RMS norm of the perturbed tensor."""
+    perturb: PerturbConfig = PerturbConfig()
+    lambda_reg: float = Field(0.01, ge=0.0)
+    clip_grad_norm: float | None = Field(1.0, gt=0.0)
+    precision: Precision = "fp32"
+    budget_steps: int = Field(200, ge=1)
+    """Compute budget, in optimizer steps."""
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    eval_attack: EvalAttackConfig = EvalAttackConfig()
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0: only the final one)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _backbone_is_local(self) -> TrainConfig:
+        if self.backbone in BUILTIN_BACKBONES or Path(self.backbone).expanduser().is_dir():
+            return self
+        if hub_offline():
+            raise ValueError(
+                f"'{self.backbone}' is not a local model directory and the hub is offline (HF_HUB_OFFLINE=1); "
+                f"allowed: {', '.join(BUILTIN_BACKBONES)} or a local directory"
+            )
+        return self
+
+    # -- derived views -------------------------------------------------------------------
+
+    def terms(self) -> dict[str, float]:
+        """The loss weights after the method switches its terms off (DESIGN §3 baselines)."""
+        w, alpha, lam = self.distill_weight, self.alpha, self.lambda_reg
+        if self.method == "ce":
+            w, alpha, lam = 0.0, 1.0, 0.0
+        elif self.method == "kd":
+            alpha = 1.0
+        elif self.method == "adv":
+            w = 0.0
+        return {"distill_weight": w, "alpha": alpha, "lambda_reg": lam}
+
+    def needs_backbone_in_loop(self) -> bool:
+        """Cached features suffice unless the backbone itself is trained or perturbed."""
+        return self.head == "lora" or self.perturb.space == "embeddings" or self.eval_attack.space == "embeddings"
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    def resolve_device(self) -> str:
+        """Pick the device and refuse precisions it cannot run, before any work starts."""
+        import torch
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: 'cuda' requested but no CUDA device is visible; allowed here: auto, cpu")
+        if self.precision == "fp16" and device != "cuda":
+            raise ConfigError("precision: fp16 needs a CUDA device (autocast + grad scaler); allowed on cpu: fp32, bf16")
+        return device
+
+
+# -- loading, overrides and one-line errors --------------------------------------------------
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=fp16"]`` into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set: expected key=value, got '{pair}'")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set: '{key}' overrides a value set earlier in the same command")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel], Any]:
+    """Walk a pydantic error location down nested models; returns (owner model, field info)."""
+    owner, info = model, None
+    for part in loc:
+        if not isinstance(part, str) or owner is None:
+            break
+        info = owner.model_fields.get(part)
+        if info is None:
+            return owner, None
+        ann = info.annotation
+        owner = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return owner, info
+
+
+def _allowed(info: Any) -> str | None:
+    """The allowed values of a field: Literal choices or a numeric range."""
+    if info is None:
+        return None
+    choices = [a for a in typing.get_args(info.annotation) if a is not type(None)]
+    if typing.get_origin(info.annotation) is Literal:
+        return ", ".join(map(str, choices))
+    bounds = {type(m).__name__: m for m in info.metadata}
+    lo = next((f"{op}{getattr(bounds[k], k.lower())}" for k, op in (("Ge", ">= "), ("Gt", "> ")) if k in bounds), None)
+    hi = next((f"{op}{getattr(bounds[k], k.lower())}" for k, op in (("Le", "<= "), ("Lt", "< ")) if k in bounds), None)
+    if lo or hi:
+        return " and ".join(x for x in (lo, hi) if x)
+    return None
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
+    """One line per problem: ``field: what is wrong (got X); allowed: ...``."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p != "__root__")
+        field = ".".join(map(str, loc)) or model.__name__
+        if e["type"] == "extra_forbidden":
+            owner, _ = _field_at(model, loc[:-1]) if len(loc) > 1 else (model, None)
+            names = ", ".join(sorted(owner.model_fields)) if owner else "?"
+            lines.append(f"{field}: unknown key; allowed keys: {names}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        owner, info = _field_at(model, loc)
+        allowed = _allowed(info)
+        text = f"{field}: {msg[0].lower()}{msg[1:]}"
+        if e["type"] != "value_error" and not isinstance(got, dict):
+            text += f" (got {got!r})"
+        if allowed and "allowed" not in msg:
+            text += f"; allowed: {allowed}"
+        lines.append(text)
+    return "; ".join(lines)
+
+
+def build_config(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, model)) from None
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from an optional YAML file plus ``--set`` overrides (the CLI's edge)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file '{path}' does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: '{path}' must hold a mapping of TrainConfig fields")
+    data = deep_merge(data, parse_overrides(overrides or []))
+    return build_config(TrainConfig, data)

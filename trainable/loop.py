@@ -1,0 +1,167 @@
+"""train_loop(config, report): the one training loop, readable top to bottom.
+
+Features:
+- student h_theta (linear | mlp | lora) on a frozen backbone, trained with
+  L_total = w * L_KD + L_NR + lambda * ||grad_theta L_NR||^2 (trainable/losses.py);
+- delta by gaussian / FGSM / PGD, L2 or Linf, in pooled-feature or input-embedding space;
+- gradient clipping, AdamW, fp32 / bf16 autocast (fp16 + grad scaler on CUDA only);
+- a compute budget in optimizer steps; checkpoints of theta + optimizer state, and resume
+  from one (loaded weights-only); data order depends on the step alone, so a resumed run
+  reproduces the uninterrupted one exactly;
+- data parallel across processes when torch.distributed is initialised (Ray Train
+  TorchTrainer): each rank takes a slice of the batch and gradients are averaged;
+- a non-finite loss term raises ``Diverged`` naming the step and the term.
+
+It knows nothing of Ray Tune or MLflow: progress and checkpoints go through
+``report(metrics, checkpoint=None)``, which the caller provides.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainable import backbone as bb
+from trainable.config import TrainConfig
+from trainable.data import TextSplits, load_splits
+from trainable.losses import unified_loss
+from trainable.metrics import evaluate
+from trainable.perturb import make_delta
+from trainable.teacher import teacher_logits
+
+Report = Callable[..., None]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Diverged(RuntimeError):
+    """A loss term became NaN or infinite."""
+
+    def __init__(self, step: int, term: str, value: float):
+        super().__init__(f"diverged at step {step}: {term} = {value}")
+        self.step, self.term, self.value = step, term, value
+
+
+@dataclass
+class Artifacts:
+    """What every trial of a sweep shares: splits, model inputs and teacher logits per split."""
+
+    splits: TextSplits
+    inputs: dict[str, dict[str, torch.Tensor]]  # split -> {"features"} and/or {"input_ids", "attention_mask"}
+    teacher: dict[str, torch.Tensor]  # split -> z_T
+    labels: dict[str, torch.Tensor]
+
+    @property
+    def key(self) -> str:
+        return self.splits.content_hash
+
+
+def prepare_artifacts(config: TrainConfig, device: str = "cpu") -> Artifacts:
+    """Splits, frozen-backbone features and teacher logits, each cached on disk by content hash."""
+    cache = config.resolved_cache_dir()
+    splits = load_splits(config.data, cache, teacher_column=config.teacher.column)
+    feats = bb.cached_features(config.backbone, config.pooling, config.data.max_len, splits.texts,
+                               splits.content_hash, cache, device)
+    inputs = {split: {"features": f} for split, f in feats.items()}
+    if config.needs_backbone_in_loop():
+        tokenizer, _ = bb.load_backbone(config.backbone)
+        for split, texts in splits.texts.items():
+            inputs[split].update(bb.tokenize(tokenizer, texts, config.data.max_len))
+    z_t = teacher_logits(config, splits.texts, splits.labels["train"], splits.num_classes, splits.content_hash,
+                         splits.teacher_column, device)
+    labels = {s: torch.tensor(v) for s, v in splits.labels.items()}
+    labels["test_noisy"] = labels["test"]
+    return Artifacts(splits, inputs, z_t, labels)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The batch of optimizer step ``step``: a function of (seed, step) alone, so resume is exact."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def save_checkpoint(student: bb.Student, opt: torch.optim.Optimizer, step: int, root: Path) -> Path:
+    path = root / f"step_{step:06d}"
+    path.mkdir(parents=True, exist_ok=True)
+    bb.atomic_save({"student": student.trainable_state(), "optimizer": opt.state_dict(), "step": step}, path / "state.pt")
+    return path
+
+
+def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | None = None,
+               checkpoint_root: str | Path | None = None, artifacts: Artifacts | None = None) -> dict[str, float]:
+    device = config.resolve_device()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    art = artifacts or prepare_artifacts(config, device)
+    torch.manual_seed(config.seed)  # after preparing: a teacher fine-tune on a cache miss reseeds the global RNG
+    to_dev = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    train, y_train, z_t_train = to_dev(art.inputs["train"]), art.labels["train"].to(device), art.teacher["train"].to(device)
+
+    # Student: h_theta on cached features, or on the backbone itself when it must run in the loop.
+    encoder = bb.Encoder(bb.load_backbone(config.backbone)[1], config.pooling) if config.needs_backbone_in_loop() else None
+    in_dim = art.inputs["train"]["features"].shape[1]
+    student = bb.build_student(config.head, config.head_hidden, in_dim, art.splits.num_classes, encoder, config.lora_rank).to(device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+    start = 0
+    if resume_from is not None:
+        state = torch.load(Path(resume_from) / "state.pt", weights_only=True, map_location=device)
+        student.load_state_dict(state["student"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    ckpt_root = Path(checkpoint_root or tempfile.mkdtemp(prefix="alignsweep-ckpt-"))
+
+    terms = config.terms()
+    space, pcfg = config.perturb.space, config.perturb
+    losses: dict[str, float] = {}
+    for step in range(start, config.budget_steps):
+        student.train()
+        idx = batch_indices(len(y_train), config.batch_size, config.seed, step)[rank::world]
+        batch, y, z_t = {k: v[idx] for k, v in train.items()}, y_train[idx], z_t_train[idx]
+
+        with torch.autocast(device_type=device, dtype=DTYPES[config.precision], enabled=config.precision != "fp32"):
+            x = student.represent(batch, space)
+            z_s = student.classify(x, batch, space)
+            z_s_perturbed = None
+            if terms["alpha"] < 1.0:  # the perturbed CE term is live: build delta, then f(x + delta)
+                attack_loss = lambda xp: F.cross_entropy(student.classify(xp, batch, space).float(), y)  # noqa: E731
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+                delta = make_delta(pcfg.kind, attack_loss, x.detach(), config.epsilon, pcfg.norm, pcfg.steps,
+                                   pcfg.step_scale, gen)
+                z_s_perturbed = student.classify(x + delta, batch, space)
+            out = unified_loss(z_s, z_s_perturbed, z_t, y, params, tau=config.tau, kd_direction=config.kd_direction, **terms)
+        for term, value in out.items():
+            if not torch.isfinite(value):
+                raise Diverged(step + 1, term, value.item())
+
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(out["loss"]).backward()
+        if world > 1:  # explicit gradient averaging: DDP hooks do not cover double backprop cleanly
+            for p in params:  # SUM then divide: gloo (CPU) has no AVG
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm or math.inf)
+        scaler.step(opt)
+        scaler.update()
+
+        losses = {k: v.item() for k, v in out.items()} | {"grad_norm": grad_norm.item()}
+        done = step + 1
+        if done % config.log_every == 0 and done < config.budget_steps:
+            report({"step": done, **losses})
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.budget_steps:
+            report({"step": done, **losses}, checkpoint=save_checkpoint(student, opt, done, ckpt_root))
+
+    hard = torch.tensor(art.splits.hard["test"], device=device) if art.splits.hard.get("test") else None
+    final = evaluate(student, to_dev(art.inputs["test"]), to_dev(art.inputs["test_noisy"]), art.labels["test"].to(device),
+                     art.teacher["test"].to(device), config.eval_attack, art.splits.label_names, hard)
+    report({"step": config.budget_steps, **losses, **final}, checkpoint=save_checkpoint(student, opt, config.budget_steps, ckpt_root))
+    return final

@@ -1,0 +1,81 @@
+"""The loss terms of contrastive knowledge transfer + robust optimization, in the paper's symbols.
+
+    L_total = L_KD + L_NR + L_Reg                                           (DESIGN §3)
+
+Each term is a small pure function of tensors; ``unified_loss`` only adds them up and returns
+every term so the loop can log them and name the one that diverged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+
+def distill_loss(z_s: torch.Tensor, z_t: torch.Tensor, tau: float, direction: str = "forward") -> torch.Tensor:
+    """tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau)), batch mean.
+
+    z_S: student logits, z_T: teacher logits (no gradient flows into the teacher), tau: the
+    temperature. The tau^2 factor keeps gradient magnitudes comparable across temperatures
+    (Hinton et al., 2015). ``direction="reverse"`` computes KL(p_S || p_T) instead, the order
+    the paper's summary writes. The distillation weight is applied by ``unified_loss``.
+    """
+    log_p_s = F.log_softmax(z_s.float() / tau, dim=-1)
+    log_p_t = F.log_softmax(z_t.detach().float() / tau, dim=-1)
+    if direction == "forward":
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    elif direction == "reverse":
+        kl = (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
+    else:
+        raise ValueError(f"kd_direction: unknown '{direction}'; allowed: forward, reverse")
+    return tau**2 * kl.mean()
+
+
+def noise_robust_loss(z_clean: torch.Tensor, z_perturbed: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """L_NR = alpha * CE(y, f(x)) + (1 - alpha) * CE(y, f(x + delta)).
+
+    z_clean = f(x), z_perturbed = f(x + delta) with ||delta||_p <= epsilon * rms(x); alpha in
+    [0, 1] trades clean fit against fit under perturbation. At alpha = 1 the perturbed term
+    is dropped entirely (not multiplied by zero) so it costs nothing.
+    """
+    loss = alpha * F.cross_entropy(z_clean.float(), y)
+    if alpha < 1.0:
+        loss = loss + (1.0 - alpha) * F.cross_entropy(z_perturbed.float(), y)
+    return loss
+
+
+def gradient_penalty(l_nr: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """||grad_theta L_NR||^2, the squared L2 norm of the noise-robust loss's gradient.
+
+    Built with create_graph=True so the penalty itself is differentiable (double backprop):
+    minimising it flattens L_NR around theta, which is what makes the head robust.
+    """
+    grads = torch.autograd.grad(l_nr, [p for p in params if p.requires_grad], create_graph=True)
+    return sum(g.float().pow(2).sum() for g in grads)
+
+
+def unified_loss(
+    z_s: torch.Tensor,
+    z_s_perturbed: torch.Tensor | None,
+    z_t: torch.Tensor,
+    y: torch.Tensor,
+    params: list[torch.Tensor],
+    *,
+    distill_weight: float,
+    tau: float,
+    alpha: float,
+    lambda_reg: float,
+    kd_direction: str = "forward",
+) -> dict[str, torch.Tensor]:
+    """L_total = w * L_KD + L_NR + lambda * ||grad_theta L_NR||^2, with every term returned.
+
+    A term whose weight is zero is not computed (it would only cost time), and is reported
+    as 0. ``z_s_perturbed`` may be None when alpha == 1.
+    """
+    zero = z_s.new_zeros((), dtype=torch.float32)
+    l_kd = distill_weight * distill_loss(z_s, z_t, tau, kd_direction) if distill_weight > 0 else zero
+    l_nr = noise_robust_loss(z_s, z_s_perturbed if z_s_perturbed is not None else z_s, y, alpha)
+    l_reg = lambda_reg * gradient_penalty(l_nr, params) if lambda_reg > 0 else zero
+    return {"loss": l_kd + l_nr + l_reg, "l_kd": l_kd, "l_nr": l_nr, "l_reg": l_reg}
