@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/alignsweep sweep
+	$(BIN)/alignsweep train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)

@@ -43,7 +43,9 @@ def backbone_fingerprint(name: str) -> str:
 def load_backbone(name: str) -> tuple[object, nn.Module]:
     """(tokenizer, encoder model) from a local directory, without touching the network."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load is noise in a sweep of hundreds of trials
     path = backbone_path(name)
     offline = os.environ.get("HF_HUB_OFFLINE", "1") != "0"
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # There is no model hub here, and on a cluster a hub lookup is a slow, silent network wait:
 # fail fast unless the user opts in by setting HF_HUB_OFFLINE=0 explicitly.
@@ -57,21 +57,22 @@ class DataConfig(_Strict):
     """Per-character noise rate of the fixed noisy copy of the test texts (DESIGN §4)."""
     max_len: int = Field(64, ge=8, le=512)
 
-    @model_validator(mode="after")
-    def _dataset_exists(self) -> DataConfig:
-        if self.name in BUILTIN_DATASETS:
-            return self
-        path = Path(self.name).expanduser()
-        looks_like_file = path.suffix in DATA_FILE_SUFFIXES or os.sep in self.name
+    @field_validator("name")
+    @classmethod
+    def _dataset_exists(cls, name: str) -> str:
+        if name in BUILTIN_DATASETS:
+            return name
+        path = Path(name).expanduser()
+        looks_like_file = path.suffix in DATA_FILE_SUFFIXES or os.sep in name
         allowed = f"{', '.join(BUILTIN_DATASETS)}, a local {'/'.join(DATA_FILE_SUFFIXES)} file, or a hub id when online"
         if looks_like_file:
             if not path.is_file():
-                raise ValueError(f"dataset file '{self.name}' does not exist; allowed: {allowed}")
+                raise ValueError(f"dataset file '{name}' does not exist; allowed: {allowed}")
             if path.suffix not in DATA_FILE_SUFFIXES:
                 raise ValueError(f"unsupported file type '{path.suffix}'; allowed: {allowed}")
         elif hub_offline():
-            raise ValueError(f"'{self.name}' is not a built-in dataset and the hub is offline (HF_HUB_OFFLINE=1); allowed: {allowed}")
-        return self
+            raise ValueError(f"'{name}' is not a built-in dataset and the hub is offline (HF_HUB_OFFLINE=1); allowed: {allowed}")
+        return name
 
 
 class PerturbConfig(_Strict):
@@ -149,16 +150,17 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: str | None = None
 
-    @model_validator(mode="after")
-    def _backbone_is_local(self) -> TrainConfig:
-        if self.backbone in BUILTIN_BACKBONES or Path(self.backbone).expanduser().is_dir():
-            return self
+    @field_validator("backbone")
+    @classmethod
+    def _backbone_is_local(cls, backbone: str) -> str:
+        if backbone in BUILTIN_BACKBONES or Path(backbone).expanduser().is_dir():
+            return backbone
         if hub_offline():
             raise ValueError(
-                f"'{self.backbone}' is not a local model directory and the hub is offline (HF_HUB_OFFLINE=1); "
+                f"'{backbone}' is not a local model directory and the hub is offline (HF_HUB_OFFLINE=1); "
                 f"allowed: {', '.join(BUILTIN_BACKBONES)} or a local directory"
             )
-        return self
+        return backbone
 
     # -- derived views -------------------------------------------------------------------
 
