@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/alignsweep train
+	$(BIN)/alignsweep sweep
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)

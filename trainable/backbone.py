@@ -104,11 +104,19 @@ def cached_features(
         CACHE_STATS["feature_hits"] += 1
         return torch.load(path, weights_only=True)
     CACHE_STATS["feature_misses"] += 1
+    record_miss(cache_dir, "features", key)
     tokenizer, model = load_backbone(backbone)
     encoder = Encoder(model, pooling)
     feats = {split: encode_texts(encoder, tokenizer, t, max_len, device=device) for split, t in texts.items()}
     atomic_save(feats, path)
     return feats
+
+
+def record_miss(cache_dir: Path, kind: str, key: str) -> None:
+    """Append one line per computed (not reused) artifact, so reuse is visible across processes."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with (cache_dir / "misses.log").open("a") as fh:
+        fh.write(f"{kind} {key} pid={os.getpid()}\n")
 
 
 def atomic_save(obj: object, path: Path) -> None:

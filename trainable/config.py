@@ -37,11 +37,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ALIGNSWEEP_CACHE", Path.home() / ".cache" / "alignsweep"))
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     name: str = "safety"
     """A built-in recipe (safety, sentiment), a local csv/json/jsonl/parquet file, or a hub id (online only)."""
     text_column: str = "text"
@@ -75,7 +75,7 @@ class DataConfig(_Strict):
         return name
 
 
-class PerturbConfig(_Strict):
+class PerturbConfig(StrictModel):
     """How delta is built for the noise-robust term (DESIGN §3)."""
 
     kind: Literal["gaussian", "fgsm", "pgd"] = "pgd"
@@ -93,7 +93,7 @@ class EvalAttackConfig(PerturbConfig):
     epsilon: float = Field(0.05, ge=0.0)
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     source: Literal["finetune", "model", "column"] = "finetune"
     """finetune: the backbone fine-tuned end to end on train; model: a local HF classifier; column: logits in the data."""
     path: str | None = None
@@ -115,7 +115,7 @@ Method = Literal["ckt_ro", "ce", "kd", "adv"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """One trial of contrastive knowledge transfer + robust optimization (DESIGN §3)."""
 
     method: Method = "ckt_ro"

@@ -95,6 +95,11 @@ def save_checkpoint(student: bb.Student, opt: torch.optim.Optimizer, step: int, 
     return path
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint directory was saved at."""
+    return int(torch.load(Path(path) / "state.pt", weights_only=True)["step"])
+
+
 def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | None = None,
                checkpoint_root: str | Path | None = None, artifacts: Artifacts | None = None) -> dict[str, float]:
     device = config.resolve_device()

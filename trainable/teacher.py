@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainable.backbone import Encoder, atomic_save, backbone_fingerprint, load_backbone, tokenize
+from trainable.backbone import Encoder, atomic_save, backbone_fingerprint, load_backbone, record_miss, tokenize
 from trainable.config import TrainConfig
 
 TEACHER_SEED = 0
@@ -39,6 +39,7 @@ def teacher_logits(config: TrainConfig, texts: dict[str, list[str]], train_label
         CACHE_STATS["teacher_hits"] += 1
         return torch.load(path, weights_only=True)
     CACHE_STATS["teacher_misses"] += 1
+    record_miss(config.resolved_cache_dir(), "teacher", key)
     if t.source == "model":
         model = _load_classifier(t.path)
     else:

@@ -1,0 +1,232 @@
+"""SweepSpec: what a sweep explores, what it optimises, and where it runs (DESIGN §2).
+
+Loaded from YAML (a path or a built-in name) plus ``--set`` overrides, and validated in full
+before Ray starts: every search-space bound is checked against the TrainConfig field it
+drives, so `alpha: {kind: uniform, low: 0, high: 1.5}` fails here, naming
+``space.alpha``, instead of as a failed trial an hour into the sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from trainable.config import (
+    ConfigError,
+    EvalAttackConfig,
+    TrainConfig,
+    StrictModel,
+    build_config,
+    deep_merge,
+    parse_overrides,
+)
+
+SPECS_DIR = Path(__file__).parent / "specs"
+
+OBJECTIVE_METRICS = (
+    "accuracy", "kd_alignment", "teacher_agreement", "noise_robustness", "alignment_stability",
+    "noisy_text_accuracy", "safety_score", "harmful_recall", "benign_pass_rate", "attack_success_rate",
+    "hard_accuracy",
+)
+
+
+def builtin_specs() -> list[str]:
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+
+
+class Objective(StrictModel):
+    metric: str
+    mode: Literal["max", "min"] = "max"
+
+    @model_validator(mode="after")
+    def _known_metric(self) -> Objective:
+        if self.metric not in OBJECTIVE_METRICS:
+            raise ValueError(f"unknown metric '{self.metric}'; allowed: {', '.join(OBJECTIVE_METRICS)}")
+        return self
+
+
+class Sampler(StrictModel):
+    kind: Literal["tpe", "nsga2", "random", "gp", "grid"] = "tpe"
+    seed: int = 0
+
+
+class Dimension(StrictModel):
+    """One searched TrainConfig field. int bounds are inclusive."""
+
+    kind: Literal["uniform", "loguniform", "int", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Dimension:
+        if self.kind in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"kind={self.kind} needs a non-empty values list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"kind={self.kind} needs low and high")
+            if not self.low < self.high:
+                raise ValueError(f"low must be < high (got low={self.low}, high={self.high})")
+            if self.kind == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0 (got {self.low})")
+        return self
+
+    def probe_values(self) -> list[Any]:
+        """The values to check against the TrainConfig domain: the bounds, or every listed value."""
+        if self.values is not None:
+            return list(self.values)
+        if self.kind == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+class Resources(StrictModel):
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    """Fractional values pack several in-process trials on one GPU (e.g. 0.25: four per GPU)."""
+    launch: Literal["auto", "in_process", "torch_trainer"] = "auto"
+    """auto: in-process (reuse_actors) for one worker per trial; a TorchTrainer inside the trial for more."""
+
+    def mode(self) -> str:
+        if self.launch != "auto":
+            return self.launch
+        return "torch_trainer" if self.workers_per_trial > 1 else "in_process"
+
+
+class SweepSpec(StrictModel):
+    name: str
+    experiment: str | None = None
+    description: str = ""
+    trials: int | None = Field(None, ge=1)
+    """Number of trials; for sampler kind=grid it defaults to the size of the grid."""
+    concurrency: int = Field(2, ge=1)
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="kd_alignment"), Objective(metric="noise_robustness")])
+    sampler: Sampler = Sampler()
+    train: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Dimension] = Field(default_factory=dict)
+    resources: Resources = Resources()
+    eval_attack: EvalAttackConfig = EvalAttackConfig()
+    storage: str | None = None
+    """Where Ray Tune keeps trial state and checkpoints (default ./runs); shared FS or S3 on a cluster."""
+    max_failures: int = Field(1, ge=0)
+    reference: list[float] | None = None
+    """Hypervolume reference point, one value per objective (default: worst end of 0..100)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        if len(self.objectives) < 2:
+            raise ValueError("objectives: a Pareto sweep needs two or more objectives")
+        names = [o.metric for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: each metric once (got {names})")
+        if self.reference is not None and len(self.reference) != len(self.objectives):
+            raise ValueError(f"reference: one value per objective ({len(self.objectives)})")
+        if self.sampler.kind == "grid":
+            bad = [k for k, d in self.space.items() if d.kind not in ("grid", "choice")]
+            if bad:
+                raise ValueError(f"sampler.kind=grid needs every space entry to be grid or choice; not: {', '.join(bad)}")
+        elif any(d.kind == "grid" for d in self.space.values()):
+            raise ValueError("space: kind=grid needs sampler.kind=grid (other samplers take choice)")
+        return self
+
+    # -- derived ----------------------------------------------------------------------------
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or self.name
+
+    @property
+    def metrics(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    @property
+    def modes(self) -> list[str]:
+        return [o.mode for o in self.objectives]
+
+    def grid_size(self) -> int:
+        size = 1
+        for dim in self.space.values():
+            size *= len(dim.values or [])
+        return size
+
+    def num_trials(self) -> int:
+        if self.trials is not None:
+            return self.trials
+        return self.grid_size() if self.sampler.kind == "grid" else 8
+
+    def base_train(self) -> dict[str, Any]:
+        """The fixed TrainConfig fields of every trial, with the sweep's eval attack."""
+        return deep_merge(self.train, {"eval_attack": self.eval_attack.model_dump()})
+
+    def trial_config(self, params: dict[str, Any]) -> TrainConfig:
+        """TrainConfig of one trial: the fixed fields plus the searched ones (nested dict)."""
+        return build_config(TrainConfig, deep_merge(self.base_train(), params))
+
+    def artifact_variants(self) -> list[TrainConfig]:
+        """One config per distinct set of shared artifacts: the searched fields that change the
+        data, backbone or teacher take each of their listed values; the rest stay at base."""
+        shaping = {k: d for k, d in self.space.items()
+                   if k.split(".")[0] in ("data", "backbone", "teacher", "pooling") and d.values}
+        if not shaping:
+            return [build_config(TrainConfig, self.base_train())]
+        combos = itertools.product(*[d.values for d in shaping.values()])
+        return [build_config(TrainConfig, deep_merge(self.base_train(), nest(dict(zip(shaping, c))))) for c in combos]
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _check_space_against_train(spec: SweepSpec) -> None:
+    """Each searched field must exist in TrainConfig and each bound/value must be valid there."""
+    base = spec.base_train()
+    try:
+        build_config(TrainConfig, base)  # the fixed part alone
+    except ConfigError as err:
+        raise ConfigError(f"train.{err}") from None
+    for path, dim in spec.space.items():
+        if path.split(".")[0] == "eval_attack":
+            raise ConfigError(f"space.{path}: the eval attack is fixed per sweep (set eval_attack:), never searched")
+        for value in dim.probe_values():
+            try:
+                build_config(TrainConfig, deep_merge(base, nest({path: value})))
+            except ConfigError as err:
+                raise ConfigError(f"space.{path}: {err}") from None
+
+
+def resolve_spec_path(spec: str | Path | None) -> Path:
+    if spec is None:
+        return SPECS_DIR / "pareto.yaml"
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if (SPECS_DIR / f"{spec}.yaml").is_file():
+        return SPECS_DIR / f"{spec}.yaml"
+    raise ConfigError(f"SPEC: '{spec}' is neither a file nor a built-in spec; allowed: {', '.join(builtin_specs())} or a YAML path")
+
+
+def load_spec(spec: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> SweepSpec:
+    """A validated SweepSpec from a path or built-in name, ``--set`` overrides and CLI fields."""
+    path = resolve_spec_path(spec)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"SPEC: '{path}' must hold a mapping")
+    data = deep_merge(data, parse_overrides(overrides or []))
+    data = deep_merge(data, {k: v for k, v in fields.items() if v is not None})
+    result = build_config(SweepSpec, data)
+    _check_space_against_train(result)
+    return result

@@ -1,0 +1,196 @@
+"""The sweep service end to end on real Ray, Optuna and MLflow (sqlite), with a tiny model:
+nested runs, the tagged front, study directions, cache reuse, failures, a killed worker and a
+killed driver. Each sweep runs through the real `alignsweep` console script."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from sweeps import pareto
+
+BIN = Path(sys.executable).parent / "alignsweep"
+OBJ = ["kd_alignment", "noise_robustness"]
+
+
+def write_spec(tmp_path, tiny_backbone, toy_csv, name="tiny", **over) -> Path:
+    spec = {
+        "name": name,
+        "trials": 4,
+        "concurrency": 2,
+        "objectives": [{"metric": m, "mode": "max"} for m in OBJ],
+        "sampler": {"kind": "random", "seed": 0},
+        "train": {"backbone": tiny_backbone, "cache_dir": str(tmp_path / "cache"),
+                  "data": {"name": toy_csv, "max_len": 16}, "teacher": {"epochs": 1, "lr": 1e-3},
+                  "head_hidden": 32, "batch_size": 32, "budget_steps": 8, "log_every": 4, "checkpoint_every": 4},
+        "space": {"distill_weight": {"kind": "loguniform", "low": 0.1, "high": 3.0},
+                  "epsilon": {"kind": "uniform", "low": 0.0, "high": 0.2},
+                  "alpha": {"kind": "uniform", "low": 0.2, "high": 1.0}},
+        "max_failures": 1,
+    }
+    for k, v in over.items():
+        spec[k] = v
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep(tmp_path, spec_path, *extra, env=None, timeout=600):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [str(BIN), "sweep", str(spec_path), "--tracking-uri", uri, "--storage", str(tmp_path / "runs"), *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env={**os.environ, **(env or {})})
+    return out, uri
+
+
+def runs_of(uri, experiment):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_four_trial_sweep_nests_runs_and_tags_the_front(tmp_path, tiny_backbone, toy_csv):
+    out, uri = sweep(tmp_path, write_spec(tmp_path, tiny_backbone, toy_csv))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "4 finished, 0 failed" in out.stdout
+    client, parents, children = runs_of(uri, "tiny")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["git_sha"] and parent.data.tags["dataset_hash"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"distill_weight", "epsilon", "alpha"} <= set(child.data.params)
+        for m in ("accuracy", "kd_alignment", "noise_robustness", "alignment_stability", "noisy_text_accuracy",
+                  "safety_score", "harmful_recall", "attack_success_rate"):
+            assert 0.0 <= child.data.metrics[m] <= 100.0
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        assert steps == [4, 8]  # per-step losses at the real step
+        assert child.data.tags["checkpoint_uri"]
+
+    # the tagged front equals a non-dominated filter recomputed here from search_runs
+    pts = np.array([[c.data.metrics[m] for m in OBJ] for c in children])
+    mask = pareto.non_dominated(pts, ["max", "max"])
+    tagged = np.array([c.data.tags["pareto"] == "true" for c in children])
+    assert (mask == tagged).all() and tagged.any()
+    hv = pareto.hypervolume(pts, ["max", "max"], [0.0, 0.0])
+    assert parent.data.metrics["hypervolume"] == pytest.approx(hv)
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto_front.csv", "pareto_front.json", "pareto.png", "pareto.html", "spec.yaml"} <= arts
+    front_json = json.loads(client.download_artifacts(parent.info.run_id, "pareto_front.json", str(tmp_path)) and
+                            Path(tmp_path / "pareto_front.json").read_text())
+    assert len(front_json["front"]) == int(mask.sum())
+
+    # the study is multi-objective: one direction per objective
+    study_url, study_name = parent.data.tags["optuna_storage"], parent.data.tags["optuna_study"]
+    study = optuna.load_study(study_name=study_name, storage=study_url)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
+
+    # shared artifacts were computed once for the whole sweep (driver), never in a trial
+    misses = (tmp_path / "cache" / "misses.log").read_text().splitlines()
+    assert [m.split()[0] for m in misses] == ["features", "teacher"]
+
+    # `alignsweep pareto` reads the same front back from MLflow
+    back = subprocess.run([str(BIN), "pareto", "--experiment", "tiny", "--tracking-uri", uri, "--format", "json"],
+                          capture_output=True, text=True, timeout=120)
+    assert back.returncode == 0, back.stderr
+    assert {r["run_id"] for r in json.loads(back.stdout)["front"]} == {
+        c.info.run_id for c, t in zip(children, tagged) if t}
+
+
+def test_diverging_trial_fails_and_the_sweep_goes_on(tmp_path, tiny_backbone, toy_csv):
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="diverge", sampler={"kind": "grid", "seed": 0},
+                      trials=None, space={"lr": {"kind": "grid", "values": [0.001, 1.0e30]}})
+    raw = yaml.safe_load(spec.read_text())
+    raw.pop("trials")
+    raw["train"].update({"clip_grad_norm": None, "budget_steps": 30})
+    spec.write_text(yaml.safe_dump(raw))
+    out, uri = sweep(tmp_path, spec)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "1 finished, 1 failed" in out.stdout
+    client, parents, children = runs_of(uri, "diverge")
+    statuses = sorted(c.info.status for c in children)
+    assert statuses == ["FAILED", "FINISHED"]
+    failed = next(c for c in children if c.info.status == "FAILED")
+    assert "Diverged" in failed.data.tags["failure"] and "step" in failed.data.tags["failure"]
+    study = optuna.load_study(study_name=parents[0].data.tags["optuna_study"], storage=parents[0].data.tags["optuna_storage"])
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]  # never a NaN, never left RUNNING
+
+
+def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_backbone, toy_csv):
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="killed", trials=1, concurrency=1)
+    raw = yaml.safe_load(spec.read_text())
+    raw["train"].update({"budget_steps": 16})
+    spec.write_text(yaml.safe_dump(raw))
+    marker = tmp_path / "killed-once"
+    out, uri = sweep(tmp_path, spec, env={"ALIGNSWEEP_FAULT_KILL_AT_STEP": "8", "ALIGNSWEEP_FAULT_MARKER": str(marker)})
+    assert marker.exists(), "the fault was never injected"
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    client, parents, children = runs_of(uri, "killed")
+    assert len(children) == 1  # the retry reopened the same run, it did not split it
+    child = children[0]
+    assert child.info.status == "FINISHED"
+    assert child.data.tags["restarts"] == "1"
+    assert child.data.tags["resumed_from_step"] == "4"  # the last checkpoint before the kill at step 8
+
+
+@pytest.mark.slow
+def test_resume_after_driver_sigkill(tmp_path, tiny_backbone, toy_csv):
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="resume", trials=8)
+    raw = yaml.safe_load(spec.read_text())
+    raw["train"].update({"budget_steps": 40})
+    spec.write_text(yaml.safe_dump(raw))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [str(BIN), "sweep", str(spec), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    finished = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            with sqlite3.connect(tmp_path / "mlflow.db", timeout=5) as db:
+                finished = db.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+                                      "where t.key = 'mlflow.parentRunId' and r.status = 'FINISHED'").fetchone()[0]
+        except sqlite3.Error:
+            continue
+        if finished >= 2:
+            break
+    assert proc.poll() is None and finished >= 2, "sweep ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(3)  # Ray's fate-shared processes go down with the driver
+
+    out, _ = sweep(tmp_path, spec, "--resume")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, parents, children = runs_of(uri, "resume")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    done = [c for c in children if c.info.status == "FINISHED"]
+    assert len(done) == 8
+    assert len({c.data.tags["tune_trial_id"] for c in done}) == 8  # no duplicates among completed trials
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    study = optuna.load_study(study_name=parents[0].data.tags["optuna_study"], storage=parents[0].data.tags["optuna_storage"])
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+
+
+def test_bad_spec_exits_2_before_anything_is_written(tmp_path, tiny_backbone, toy_csv):
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="bad",
+                      space={"alpha": {"kind": "uniform", "low": 0.0, "high": 1.5}})
+    out, uri = sweep(tmp_path, spec)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "space.alpha" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
