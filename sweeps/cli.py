@@ -184,6 +184,8 @@ def ui(
     if root:
         cmd += ["--default-artifact-root", root]
     print(f"MLflow UI: http://127.0.0.1:{port}  (backend {uri})", flush=True)
+    # No background job runners: they are separate processes that outlive a killed server.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(cmd[0], cmd)
 
 

@@ -206,51 +206,51 @@ def _progress_callback(spec: SweepSpec, total: int):
     from ray.tune import Callback
 
     class SweepProgress(Callback):
-        """Live terminal view: done / running / failed, front size and hypervolume so far."""
+        """Live terminal view: done / running / failed, front size and hypervolume so far.
+
+        Counts come from Tune's trial list, so a resumed sweep shows the trials it restored."""
 
         def __init__(self):
-            self.points: list[list[float]] = []
-            self.failed = 0
-            self.done = 0
             self.started = time.monotonic()
             self.live = None
             if sys.stdout.isatty():
                 from rich.live import Live
 
-                self.live = Live(self._render(0), refresh_per_second=2, transient=True)
+                self.live = Live("", refresh_per_second=2, transient=True)
                 self.live.start()
 
-        def _render(self, running: int):
-            from rich.table import Table
-
+        def _summary(self, trials, ending=None) -> tuple[str, str]:
+            # Tune calls on_trial_complete before it marks the trial TERMINATED: count it as done.
+            done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ending]
+            results = [t.last_result or {} for t in done]
+            ok = [r for r in results if r.get("trial_status") == "FINISHED"]
+            running = sum(t.status == "RUNNING" and t is not ending for t in trials)
+            pts = _arr([[r.get(m, math.nan) for m in spec.metrics] for r in ok], len(spec.metrics))
             ref = spec.reference or pareto.default_reference(spec.modes)
-            pts = [p for p in self.points]
-            front = int(pareto.non_dominated(_arr(pts), spec.modes).sum()) if pts else 0
-            hv = pareto.hypervolume(_arr(pts), spec.modes, ref) if pts else 0.0
-            t = Table(title=f"sweep {spec.name}: {self.done}/{total} done, {running} running, {self.failed} failed")
-            for col in ("elapsed", "front size", "hypervolume"):
-                t.add_column(col, justify="right")
-            t.add_row(f"{time.monotonic() - self.started:.0f}s", str(front), f"{hv:.1f}")
-            return t
+            front = int(pareto.non_dominated(pts, spec.modes).sum()) if len(ok) else 0
+            hv = pareto.hypervolume(pts, spec.modes, ref) if len(ok) else 0.0
+            head = f"{len(results)}/{total} done, {running} running, {len(results) - len(ok)} failed"
+            return head, f"front {front}, hypervolume {hv:.1f}, {time.monotonic() - self.started:.0f}s"
+
+        def _show(self, trials, line: str | None = None, ending=None) -> None:
+            head, tail = self._summary(trials, ending)
+            if self.live is not None:
+                from rich.panel import Panel
+
+                self.live.update(Panel(tail, title=f"sweep {spec.name}: {head}"))
+            elif line is not None:
+                print(f"[{head}] {line}; {tail}", flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._show(trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            result = trial.last_result or {}
-            self.done += 1
-            if result.get("trial_status") == "FINISHED":
-                self.points.append([result.get(m, math.nan) for m in spec.metrics])
-            else:
-                self.failed += 1
-            running = sum(t.status == "RUNNING" for t in trials)
-            if self.live is not None:
-                self.live.update(self._render(running))
-            else:
-                vals = ", ".join(f"{m}={result.get(m, float('nan')):.1f}" for m in spec.metrics)
-                status = result.get("trial_status", "ERROR")
-                print(f"[{self.done}/{total}] {trial.trial_id} {status} {vals}", flush=True)
+            r = trial.last_result or {}
+            vals = ", ".join(f"{m}={r[m]:.1f}" for m in spec.metrics if isinstance(r.get(m), (int, float)))
+            self._show(trials, f"{trial.trial_id} {r.get('trial_status', 'ERROR')} {vals}".rstrip(), trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
-            self.failed += 1
+            self._show(trials, f"{trial.trial_id} ERROR", trial)
 
         def on_experiment_end(self, trials, **info):
             if self.live is not None:
@@ -259,10 +259,10 @@ def _progress_callback(spec: SweepSpec, total: int):
     return SweepProgress()
 
 
-def _arr(rows):
+def _arr(rows, k: int):
     import numpy as np
 
-    return np.asarray(rows, dtype=float).reshape(len(rows), -1)
+    return np.asarray(rows, dtype=float).reshape(len(rows), k)
 
 
 # -- the sweep --------------------------------------------------------------------------------
@@ -419,7 +419,7 @@ def finalize(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, swee
     failed = sum(r.info.status == "FAILED" for r in runs)
     front = pareto.front_rows(rows, spec.metrics, spec.modes)
     ref = spec.reference or pareto.default_reference(spec.modes)
-    hv = pareto.hypervolume(_arr([[row[m] for m in spec.metrics] for row in rows]), spec.modes, ref) if rows else 0.0
+    hv = pareto.hypervolume(_arr([[row[m] for m in spec.metrics] for row in rows], len(spec.metrics)), spec.modes, ref)
     front_ids = {row["run_id"] for row in front}
     for row in rows:
         client.set_tag(row["run_id"], "pareto", str(row["run_id"] in front_ids).lower())

@@ -194,3 +194,16 @@ def test_bad_spec_exits_2_before_anything_is_written(tmp_path, tiny_backbone, to
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "space.alpha" in out.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_torch_trainer_launch_mode(tmp_path, tiny_backbone, toy_csv):
+    """workers_per_trial > 1: a Ray Train TorchTrainer inside the Tune trial, same loop, same tracking."""
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="ddp", trials=1, concurrency=1,
+                      resources={"workers_per_trial": 2, "cpus_per_worker": 0.5})
+    out, uri = sweep(tmp_path, spec)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    client, parents, children = runs_of(uri, "ddp")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    child = children[0]
+    assert 0.0 <= child.data.metrics["noise_robustness"] <= 100.0
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [4, 8]  # logged by rank 0 only

@@ -9,6 +9,7 @@ the loop only for LoRA heads or embedding-space perturbations.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -95,10 +96,14 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
 
 
 def cached_features(
-    backbone: str, pooling: str, max_len: int, texts: dict[str, list[str]], dataset_hash: str, cache_dir: Path, device: str = "cpu"
+    backbone: str, pooling: str, max_len: int, texts: dict[str, list[str]], cache_dir: Path, device: str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Pooled features of every split, computed once per (backbone, dataset, max_len, pooling)."""
-    key = hashlib.sha256(f"{backbone_fingerprint(backbone)}|{dataset_hash}|{max_len}|{pooling}".encode()).hexdigest()[:20]
+    """Pooled features of every split, computed once per (backbone, texts, max_len, pooling).
+
+    Keyed by the texts, not the whole dataset hash: label noise changes labels only, so every
+    noise level of a sweep shares one set of features."""
+    texts_hash = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(f"{backbone_fingerprint(backbone)}|{texts_hash}|{max_len}|{pooling}".encode()).hexdigest()[:20]
     path = cache_dir / "features" / f"{key}.pt"
     if path.is_file():
         CACHE_STATS["feature_hits"] += 1

@@ -66,8 +66,7 @@ def prepare_artifacts(config: TrainConfig, device: str = "cpu") -> Artifacts:
     """Splits, frozen-backbone features and teacher logits, each cached on disk by content hash."""
     cache = config.resolved_cache_dir()
     splits = load_splits(config.data, cache, teacher_column=config.teacher.column)
-    feats = bb.cached_features(config.backbone, config.pooling, config.data.max_len, splits.texts,
-                               splits.content_hash, cache, device)
+    feats = bb.cached_features(config.backbone, config.pooling, config.data.max_len, splits.texts, cache, device)
     inputs = {split: {"features": f} for split, f in feats.items()}
     if config.needs_backbone_in_loop():
         tokenizer, _ = bb.load_backbone(config.backbone)
