@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: run test install clean
+.PHONY: run test install system-deps clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -21,7 +21,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/alignsweep sweep
 
-test: $(STAMP)
+# The tracking tests run a real PostgreSQL on loopback: Debian's package, installed if missing.
+system-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "install PostgreSQL first: sudo apt-get install postgresql" >&2; exit 1; fi; }
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
 clean:

@@ -134,6 +134,32 @@ def _print_front(rows: list[dict], metrics: list[str], params: list[str], title:
     Console().print(table)
 
 
+@app.command()
+def submit(
+    spec: Annotated[Optional[str], typer.Argument(help="A YAML path or a built-in spec name (default: pareto).")] = None,
+    address: Annotated[str, typer.Option("--address", help="Ray Jobs API of the head, e.g. http://HEAD:8265.")] = "",
+    trials: Annotated[Optional[int], typer.Option("--trials", min=1)] = None,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1)] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
+    experiment: Annotated[Optional[str], typer.Option("--experiment")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Tune storage the cluster can reach (S3/GCS/NFS).")] = None,
+    resume: Annotated[bool, typer.Option("--resume")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the job id and return.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Submit a sweep to a Ray cluster as a Ray Job (package + spec travel in its runtime env)."""
+    from sweeps.jobs import submit_sweep
+
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address: expected the head's Jobs API as http(s)://HOST:8265, got '{address or 'nothing'}'")
+    from sweeps.spec import load_spec
+
+    sweep_spec = load_spec(spec, set_ or [], trials=trials, concurrency=concurrency, experiment=experiment)
+    status = submit_sweep(sweep_spec, address, _tracking(tracking_uri), storage=storage, resume=resume, wait=not no_wait)
+    if status not in ("SUCCEEDED", "PENDING", "RUNNING"):
+        raise typer.Exit(1)
+
+
 @app.command("pareto")
 def pareto_cmd(
     experiment: Annotated[str, typer.Option("--experiment")] = "pareto",

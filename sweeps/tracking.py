@@ -31,13 +31,18 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Fail fast (exit 2) on a tracking URI that cannot work, before any Ray or MLflow work."""
+def check_tracking_uri(uri: str, reach: bool = True) -> None:
+    """Fail fast (exit 2) on a tracking URI that cannot work, before any Ray or MLflow work.
+    ``reach=False`` checks the form only (for a URI that is resolved elsewhere, on a cluster)."""
     parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
+    if parsed.scheme == "sqlite" and not reach:
+        pass
+    elif parsed.scheme == "sqlite":
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.parent.exists():
             raise ConfigError(f"--tracking-uri: directory '{path.parent}' of the sqlite database does not exist")
+    elif parsed.scheme in ("http", "https") and not reach:
+        pass
     elif parsed.scheme in ("http", "https"):
         import urllib.request
 

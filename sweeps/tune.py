@@ -124,11 +124,14 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     return nest({k: domain(d) for k, d in spec.space.items()})
 
 
-def optuna_storage_url(spec: SweepSpec, tracking_uri: str, storage_path: Path) -> str:
-    """The study lives in sqlite beside the MLflow db (or the run storage) so optuna-dashboard can watch it."""
+def optuna_storage_url(tracking_uri: str, storage_root: str) -> str:
+    """The study lives in sqlite beside the MLflow db, else in the local run storage, else (object
+    storage) in the driver's working directory, so optuna-dashboard can watch it live."""
     if tracking_uri.startswith("sqlite:///"):
         return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).resolve().parent / 'optuna.db'}"
-    return f"sqlite:///{storage_path.resolve() / 'optuna.db'}"
+    if "://" not in storage_root:
+        return f"sqlite:///{Path(storage_root) / 'optuna.db'}"
+    return f"sqlite:///{Path('optuna.db').resolve()}"
 
 
 # -- the trial --------------------------------------------------------------------------------
@@ -282,9 +285,26 @@ class SweepResult:
     wall_s: float = 0.0
 
 
-def _latest_sweep_dir(storage: Path, name: str) -> Path | None:
-    runs = sorted(p for p in storage.glob(f"{name}-*") if p.is_dir())
-    return runs[-1] if runs else None
+def _storage(storage: str):
+    """(root for Tune, pyarrow filesystem, path in it): local paths made absolute, URIs (s3://, gs://) kept."""
+    import pyarrow.fs
+
+    if "://" in storage:
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+        return storage.rstrip("/"), fs, path
+    root = Path(storage).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return str(root), pyarrow.fs.LocalFileSystem(), str(root)
+
+
+def _latest_sweep(fs, root: str, name: str) -> str | None:
+    """The newest `<name>-<timestamp>` sweep directory under the storage root."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                   and i.base_name.startswith(f"{name}-"))
+    return names[-1] if names else None
 
 
 def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, address: str | None = None,
@@ -296,15 +316,14 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
     from trainable.loop import prepare_artifacts
 
     start = time.monotonic()
-    storage_root = Path(storage or spec.storage or "runs").expanduser().resolve()
-    storage_root.mkdir(parents=True, exist_ok=True)
-    sweep_dir = _latest_sweep_dir(storage_root, spec.name) if resume else None
-    if resume and sweep_dir is None:
+    storage_root, fs, fs_root = _storage(storage or spec.storage or "runs")
+    sweep_name = _latest_sweep(fs, fs_root, spec.name) if resume else None
+    if resume and sweep_name is None:
         from trainable.config import ConfigError
 
         raise ConfigError(f"--resume: no earlier sweep '{spec.name}' under {storage_root}")
-    sweep_name = sweep_dir.name if sweep_dir else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_path = str(storage_root / sweep_name)
+    sweep_name = sweep_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_path = f"{storage_root}/{sweep_name}"
 
     # Shared artifacts once, in the driver: every trial then loads them from the cache.
     hashes = sorted({prepare_artifacts(cfg).key for cfg in spec.artifact_variants()})
@@ -319,7 +338,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
     else:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        ctx = TrialContext(spec, tracking_uri, experiment_id, parent_id, str(storage_root))
+        ctx = TrialContext(spec, tracking_uri, experiment_id, parent_id, storage_root)
         r = spec.resources
         if r.mode() == "torch_trainer":  # the trial only drives; its Train workers hold the resources
             resources = {"CPU": 0.01}
@@ -332,7 +351,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
         else:
             searcher = _searcher_class()(
                 metric=spec.metrics, mode=spec.modes, sampler=make_sampler(spec), study_name=sweep_name,
-                storage=_rdb(optuna_storage_url(spec, tracking_uri, storage_root)), max_trials=spec.num_trials(),
+                storage=_rdb(optuna_storage_url(tracking_uri, storage_root)), max_trials=spec.num_trials(),
             )
             tuner = tune.Tuner(
                 trainable,
@@ -340,7 +359,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=spec.num_trials(),
                                             max_concurrent_trials=spec.concurrency, reuse_actors=True,
                                             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-                run_config=tune.RunConfig(name=sweep_name, storage_path=str(storage_root), verbose=0,
+                run_config=tune.RunConfig(name=sweep_name, storage_path=storage_root, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           # no num_to_keep: rotation deletes checkpoints that the last
                                           # driver snapshot still points at, and a resume then fails
@@ -357,7 +376,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
         if ray.is_initialized():
             ray.shutdown()
     return finalize(spec, tracking_uri, experiment_id, parent_id, sweep_path, checkpoints,
-                    _study_url(spec, tracking_uri, storage_root), sweep_name, time.monotonic() - start)
+                    optuna_storage_url(tracking_uri, storage_root), sweep_name, time.monotonic() - start)
 
 
 def _trial_name(trial) -> str:
@@ -368,10 +387,6 @@ def _rdb(url: str):
     import optuna
 
     return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
-
-
-def _study_url(spec: SweepSpec, tracking_uri: str, storage_root: Path) -> str:
-    return optuna_storage_url(spec, tracking_uri, storage_root)
 
 
 def _fail_unowned_optuna_trials(spec, tracking_uri, storage_root, study_name, sweep_path) -> None:
@@ -385,7 +400,7 @@ def _fail_unowned_optuna_trials(spec, tracking_uri, storage_root, study_name, sw
     except (FileNotFoundError, RuntimeError):
         return
     owned = {t.number for tid, t in searcher._ot_trials.items() if tid not in searcher._completed_trials}
-    study = optuna.load_study(study_name=study_name, storage=_rdb(optuna_storage_url(spec, tracking_uri, storage_root)))
+    study = optuna.load_study(study_name=study_name, storage=_rdb(optuna_storage_url(tracking_uri, storage_root)))
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.number not in owned:
             study._storage.set_trial_user_attr(t._trial_id, "orphaned", True)
