@@ -23,6 +23,7 @@ PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "tune_trial_id"
 SWEEP_TAG = "alignsweep.sweep_path"
 STEP_METRICS = ("loss", "l_kd", "l_nr", "l_reg", "grad_norm")
+EVAL_ITEMS = "eval_items.json"  # written by trainable.loop beside the final checkpoint
 
 
 def _client(uri: str):
@@ -218,6 +219,9 @@ class TrialLogger:
         self._buffer.append((step, {k: v for k, v in metrics.items() if k in STEP_METRICS}))
         if checkpoint is not None:
             self.flush()
+            items = Path(checkpoint) / EVAL_ITEMS
+            if items.is_file():  # the final evaluation: per-item outcomes for bootstrap CIs
+                _client(self.uri).log_artifact(self.run_id, str(items))
 
     def flush(self) -> None:
         if not self._buffer or self.run_id is None:

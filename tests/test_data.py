@@ -121,6 +121,18 @@ def test_shift_holds_out_a_source(cache: Path) -> None:
         data.load_splits(DataConfig(name="safety", shift="nope"), cache)
 
 
+def test_shift_by_source_family_holds_out_a_domain_with_both_classes(cache: Path) -> None:
+    s = data.load_splits(DataConfig(name="safety", shift="rho"), cache)
+    assert set(s.sources["test"]) == {"rho_refusal", "rho_refusal_benign", "rho_overrefusal"}
+    assert set(s.labels["test"]) == {0, 1}
+    assert not any(src.startswith("rho") for src in s.sources["train"] + s.sources["val"])
+
+
+def test_label_noise_keeps_clean_labels_for_the_teacher(cache: Path, safety: data.TextSplits) -> None:
+    noisy = data.load_splits(DataConfig(name="safety", label_noise=0.2), cache)
+    assert noisy.clean_train_labels == safety.labels["train"] != noisy.labels["train"]
+
+
 def test_char_noise() -> None:
     text = "the quick brown fox jumps over the lazy dog"
     assert data.char_noise(text, 0.0, random.Random(0)) == text

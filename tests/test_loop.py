@@ -9,6 +9,7 @@ import torch
 from trainable.config import TrainConfig, deep_merge
 from trainable.loop import Diverged, prepare_artifacts, train_loop
 from trainable.backbone import CACHE_STATS
+from trainable.teacher import CACHE_STATS as TEACHER_STATS
 
 METRICS = ["accuracy", "kd_alignment", "teacher_agreement", "noise_robustness", "alignment_stability",
            "noisy_text_accuracy", "safety_score", "harmful_recall", "benign_pass_rate", "attack_success_rate"]
@@ -98,3 +99,26 @@ def test_shared_artifacts_are_cached(tiny_overrides):
     prepare_artifacts(cfg)
     assert CACHE_STATS["feature_misses"] - before["feature_misses"] == 1
     assert CACHE_STATS["feature_hits"] - before["feature_hits"] == 1
+
+
+def test_final_checkpoint_holds_per_item_outcomes_that_reproduce_the_metrics(tiny_overrides):
+    import json
+
+    from trainable.metrics import item_metrics
+
+    rec = Recorder()
+    final = train_loop(_cfg(tiny_overrides, budget_steps=4), rec)
+    items = json.loads((rec.checkpoints[-1] / "eval_items.json").read_text())
+    again = item_metrics(items, items["label_names"])
+    assert again.keys() == final.keys()
+    for k in final:
+        assert again[k] == pytest.approx(final[k], abs=1e-9)
+    assert len(items["y"]) == len(items["js"]) == len(items["pred_attacked"])
+
+
+def test_label_noise_levels_share_features_and_teacher(tiny_overrides):
+    before, t_before = dict(CACHE_STATS), dict(TEACHER_STATS)
+    for noise in (0.0, 0.2):
+        prepare_artifacts(_cfg(tiny_overrides, data={"label_noise": noise}))
+    assert CACHE_STATS["feature_misses"] - before["feature_misses"] == 1
+    assert TEACHER_STATS["teacher_misses"] - t_before["teacher_misses"] == 1

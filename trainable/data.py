@@ -93,6 +93,8 @@ class TextSplits:
     teacher_column: dict[str, list[list[float]]] | None
     content_hash: str
     card: dict
+    clean_train_labels: list[int]
+    """Train labels before label noise: what the trusted teacher is fine-tuned on."""
 
     @property
     def num_classes(self) -> int:
@@ -427,17 +429,22 @@ def _stratified(idx: list[int], labels: list[int], fracs: tuple[float, ...], rng
 
 
 def _split(items: list[Item], cfg: DataConfig) -> dict[str, list[int]]:
-    """60/20/20 stratified by label; with ``shift``, test = that source and 75/25 train/val of the rest."""
+    """60/20/20 stratified by label; with ``shift``, test = that source (or source family) and 75/25
+    train/val of the rest."""
     rng = random.Random(cfg.split_seed)
     labels = [it["label"] for it in items]
     if cfg.shift is None:
         return dict(zip(SPLITS, _stratified(list(range(len(items))), labels, (0.6, 0.2, 0.2), rng)))
     available = sorted({it["source"] for it in items})
-    if cfg.shift not in available:
-        raise ConfigError(f"data.shift: unknown source '{cfg.shift}'; allowed: {', '.join(available)}")
-    rest = [i for i, it in enumerate(items) if it["source"] != cfg.shift]
+    # A source family by prefix ("rho" = rho_refusal, rho_refusal_benign, rho_overrefusal) holds out a
+    # whole domain with both classes; a single source may hold one class only.
+    held = [s for s in available if s == cfg.shift or s.startswith(f"{cfg.shift}_")]
+    if not held:
+        families = sorted({s.split("_")[0] for s in available} - set(available))
+        raise ConfigError(f"data.shift: unknown source '{cfg.shift}'; allowed: {', '.join(available + families)}")
+    rest = [i for i, it in enumerate(items) if it["source"] not in held]
     train, val = _stratified(rest, labels, (0.75, 0.25), rng)
-    return {"train": train, "val": val, "test": [i for i, it in enumerate(items) if it["source"] == cfg.shift]}
+    return {"train": train, "val": val, "test": [i for i, it in enumerate(items) if it["source"] in held]}
 
 
 def flip_labels(labels: list[int], fraction: float, n_classes: int, seed: int) -> list[int]:
@@ -478,6 +485,7 @@ def load_splits(cfg: DataConfig, cache_dir: Path, teacher_column: str | None = N
     parts = _split(items, cfg)
     texts = {k: [items[i]["text"] for i in parts[k]] for k in SPLITS}
     labels = {k: [items[i]["label"] for i in parts[k]] for k in SPLITS}
+    clean_train = list(labels["train"])
     if cfg.label_noise > 0:
         labels["train"] = flip_labels(labels["train"], cfg.label_noise, len(label_names), cfg.split_seed)
     texts["test_noisy"] = [_noisy(t, cfg.text_noise) for t in texts["test"]]
@@ -489,4 +497,4 @@ def load_splits(cfg: DataConfig, cache_dir: Path, teacher_column: str | None = N
     blob = json.dumps([shaping, teacher_column, label_names, texts, labels, sources, hard, teacher], sort_keys=True)
     return TextSplits(name=cfg.name, label_names=list(label_names), texts=texts, labels=labels, sources=sources,
                       hard=hard, teacher_column=teacher, content_hash=hashlib.sha256(blob.encode()).hexdigest()[:16],
-                      card=card)
+                      card=card, clean_train_labels=clean_train)

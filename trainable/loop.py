@@ -18,6 +18,7 @@ It knows nothing of Ray Tune or MLflow: progress and checkpoints go through
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from trainable.perturb import make_delta
 from trainable.teacher import teacher_logits
 
 Report = Callable[..., None]
+EVAL_ITEMS = "eval_items.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -72,8 +74,7 @@ def prepare_artifacts(config: TrainConfig, device: str = "cpu") -> Artifacts:
         tokenizer, _ = bb.load_backbone(config.backbone)
         for split, texts in splits.texts.items():
             inputs[split].update(bb.tokenize(tokenizer, texts, config.data.max_len))
-    z_t = teacher_logits(config, splits.texts, splits.labels["train"], splits.num_classes, splits.content_hash,
-                         splits.teacher_column, device)
+    z_t = teacher_logits(config, splits.texts, splits.clean_train_labels, splits.num_classes, splits.teacher_column, device)
     labels = {s: torch.tensor(v) for s, v in splits.labels.items()}
     labels["test_noisy"] = labels["test"]
     return Artifacts(splits, inputs, z_t, labels)
@@ -165,7 +166,11 @@ def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | No
             report({"step": done, **losses}, checkpoint=save_checkpoint(student, opt, done, ckpt_root))
 
     hard = torch.tensor(art.splits.hard["test"], device=device) if art.splits.hard.get("test") else None
-    final = evaluate(student, to_dev(art.inputs["test"]), to_dev(art.inputs["test_noisy"]), art.labels["test"].to(device),
-                     art.teacher["test"].to(device), config.eval_attack, art.splits.label_names, hard)
-    report({"step": config.budget_steps, **losses, **final}, checkpoint=save_checkpoint(student, opt, config.budget_steps, ckpt_root))
+    final, items = evaluate(student, to_dev(art.inputs["test"]), to_dev(art.inputs["test_noisy"]),
+                            art.labels["test"].to(device), art.teacher["test"].to(device), config.eval_attack,
+                            art.splits.label_names, hard)
+    final_ckpt = save_checkpoint(student, opt, config.budget_steps, ckpt_root)
+    # Per-item outcomes beside the weights: figures bootstrap over test items from them.
+    (final_ckpt / EVAL_ITEMS).write_text(json.dumps({"label_names": art.splits.label_names, **items}))
+    report({"step": config.budget_steps, **losses, **final}, checkpoint=final_ckpt)
     return final

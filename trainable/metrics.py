@@ -16,6 +16,7 @@ from trainable.config import EvalAttackConfig
 from trainable.perturb import make_delta
 
 EVAL_ATTACK_SEED = 1234
+ITEM_KEYS = ("y", "pred", "pred_attacked", "pred_noisy", "teacher_pred", "js", "hard")
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,11 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def kd_alignment(p_student: torch.Tensor, p_teacher: torch.Tensor) -> float:
     """100 * (1 - mean JS(p_S, p_T) / ln 2): 100 when the student matches the teacher exactly."""
-    return 100.0 * (1.0 - js_divergence(p_student, p_teacher).mean().item() / math.log(2))
+    return alignment_from_js(js_divergence(p_student, p_teacher))
+
+
+def alignment_from_js(js: torch.Tensor) -> float:
+    return 100.0 * (1.0 - js.double().mean().item() / math.log(2))
 
 
 def percent(mask: torch.Tensor) -> float:
@@ -38,17 +43,35 @@ def percent(mask: torch.Tensor) -> float:
     return 100.0 * mask.float().mean().item() if mask.numel() else float("nan")
 
 
-def classification_metrics(pred: torch.Tensor, pred_attacked: torch.Tensor, pred_noisy_text: torch.Tensor,
-                           y: torch.Tensor, p_student: torch.Tensor, p_teacher: torch.Tensor,
-                           label_names: list[str], hard: torch.Tensor | None = None) -> dict[str, float]:
-    """Every DESIGN §4 metric from predictions; pure, so it can be checked on hand-built cases."""
+def test_items(pred: torch.Tensor, pred_attacked: torch.Tensor, pred_noisy_text: torch.Tensor, y: torch.Tensor,
+               p_student: torch.Tensor, p_teacher: torch.Tensor, hard: torch.Tensor | None = None) -> dict[str, list]:
+    """Per-test-item outcomes, the raw material of every metric (and of bootstrap CIs over items)."""
+    n = len(y)
+    return {
+        "y": y.tolist(),
+        "pred": pred.tolist(),
+        "pred_attacked": pred_attacked.tolist(),
+        "pred_noisy": pred_noisy_text.tolist(),
+        "teacher_pred": p_teacher.argmax(-1).tolist(),
+        "js": js_divergence(p_student.float(), p_teacher.float()).tolist(),
+        "hard": (hard.tolist() if hard is not None else [False] * n),
+    }
+
+
+def item_metrics(items: dict[str, list], label_names: list[str], idx=None) -> dict[str, float]:
+    """Every DESIGN §4 metric from per-item outcomes, optionally on a resample ``idx`` of the items."""
+    t = {k: torch.as_tensor(items[k]) for k in ITEM_KEYS}
+    if idx is not None:
+        idx = torch.as_tensor(idx)
+        t = {k: v[idx] for k, v in t.items()}
+    y, pred, attacked = t["y"], t["pred"], t["pred_attacked"]
     m = {
         "accuracy": percent(pred == y),
-        "kd_alignment": kd_alignment(p_student, p_teacher),
-        "teacher_agreement": percent(pred == p_teacher.argmax(-1)),
-        "noise_robustness": percent(pred_attacked == y),
-        "alignment_stability": percent(pred_attacked == pred),
-        "noisy_text_accuracy": percent(pred_noisy_text == y),
+        "kd_alignment": alignment_from_js(t["js"]),
+        "teacher_agreement": percent(pred == t["teacher_pred"]),
+        "noise_robustness": percent(attacked == y),
+        "alignment_stability": percent(attacked == pred),
+        "noisy_text_accuracy": percent(t["pred_noisy"] == y),
     }
     m["safety_score"] = (m["kd_alignment"] + m["noise_robustness"] + m["alignment_stability"]) / 3
     if "harmful" in label_names:
@@ -56,10 +79,18 @@ def classification_metrics(pred: torch.Tensor, pred_attacked: torch.Tensor, pred
         is_harmful = y == harmful
         m["harmful_recall"] = percent(pred[is_harmful] == harmful)
         m["benign_pass_rate"] = percent(pred[~is_harmful] != harmful)
-        m["attack_success_rate"] = percent(pred_attacked[is_harmful] != harmful)
-    if hard is not None and hard.any():
+        m["attack_success_rate"] = percent(attacked[is_harmful] != harmful)
+    hard = t["hard"].bool()
+    if hard.any():
         m["hard_accuracy"] = percent(pred[hard] == y[hard])
     return m
+
+
+def classification_metrics(pred: torch.Tensor, pred_attacked: torch.Tensor, pred_noisy_text: torch.Tensor,
+                           y: torch.Tensor, p_student: torch.Tensor, p_teacher: torch.Tensor,
+                           label_names: list[str], hard: torch.Tensor | None = None) -> dict[str, float]:
+    """Every DESIGN §4 metric from predictions; pure, so it can be checked on hand-built cases."""
+    return item_metrics(test_items(pred, pred_attacked, pred_noisy_text, y, p_student, p_teacher, hard), label_names)
 
 
 def attacked_logits(student, batch: dict[str, torch.Tensor], y: torch.Tensor, attack: EvalAttackConfig) -> torch.Tensor:
@@ -77,8 +108,8 @@ def attacked_logits(student, batch: dict[str, torch.Tensor], y: torch.Tensor, at
 
 def evaluate(student, test: dict[str, torch.Tensor], test_noisy: dict[str, torch.Tensor], y: torch.Tensor,
              z_teacher: torch.Tensor, attack: EvalAttackConfig, label_names: list[str],
-             hard: torch.Tensor | None = None, batch_size: int = 256) -> dict[str, float]:
-    """Run the student on the clean, attacked and noisy-text test sets and score it."""
+             hard: torch.Tensor | None = None, batch_size: int = 256) -> tuple[dict[str, float], dict[str, list]]:
+    """Run the student on the clean, attacked and noisy-text test sets: (metrics, per-item outcomes)."""
     student.eval()
     logits, attacked, noisy = [], [], []
     for i in range(0, len(y), batch_size):
@@ -88,7 +119,7 @@ def evaluate(student, test: dict[str, torch.Tensor], test_noisy: dict[str, torch
             noisy.append(student({k: v[i : i + batch_size] for k, v in test_noisy.items()}).float())
         attacked.append(attacked_logits(student, part, y[i : i + batch_size], attack).float())
     z = torch.cat(logits)
-    return classification_metrics(
-        z.argmax(-1), torch.cat(attacked).argmax(-1), torch.cat(noisy).argmax(-1), y,
-        z.softmax(-1), z_teacher.float().softmax(-1), label_names, hard,
-    )
+    items = test_items(z.argmax(-1).cpu(), torch.cat(attacked).argmax(-1).cpu(), torch.cat(noisy).argmax(-1).cpu(),
+                       y.cpu(), z.softmax(-1).cpu(), z_teacher.float().softmax(-1).cpu(),
+                       hard.cpu() if hard is not None else None)
+    return item_metrics(items, label_names), items

@@ -24,16 +24,20 @@ CACHE_STATS = {"teacher_hits": 0, "teacher_misses": 0}
 
 
 def teacher_logits(config: TrainConfig, texts: dict[str, list[str]], train_labels: list[int], num_classes: int,
-                   dataset_hash: str, column: dict[str, list[list[float]]] | None = None,
-                   device: str = "cpu") -> dict[str, torch.Tensor]:
-    """z_T for each split in ``texts``, from the source the config names."""
+                   column: dict[str, list[list[float]]] | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """z_T for each split in ``texts``, from the source the config names.
+
+    ``train_labels`` are the clean labels: the teacher is the trusted model, and label noise
+    corrupts only what the student's CE terms see. The cache key is the texts and those labels,
+    so every label-noise level of a sweep distils from one teacher."""
     t = config.teacher
     if t.source == "column":
         return {split: _as_logits(torch.tensor(rows, dtype=torch.float32)) for split, rows in (column or {}).items()}
     recipe = json.dumps({"src": t.source, "path": t.path, "epochs": t.epochs, "lr": t.lr, "bs": t.batch_size,
                          "max_len": config.data.max_len, "pooling": config.pooling, "seed": TEACHER_SEED}, sort_keys=True)
     backbone = t.path if t.source == "model" else config.backbone
-    key = hashlib.sha256(f"{backbone_fingerprint(backbone)}|{dataset_hash}|{recipe}".encode()).hexdigest()[:20]
+    data_key = hashlib.sha256(json.dumps([texts, train_labels], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(f"{backbone_fingerprint(backbone)}|{data_key}|{recipe}".encode()).hexdigest()[:20]
     path = config.resolved_cache_dir() / "teacher" / f"{key}.pt"
     if path.is_file():
         CACHE_STATS["teacher_hits"] += 1
