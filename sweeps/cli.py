@@ -191,6 +191,42 @@ def pareto_cmd(
 
 
 @app.command()
+def figures(
+    experiment: Annotated[str, typer.Option("--experiment")] = "distill_weight",
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the PNG and HTML files.")] = Path("figures"),
+    baselines: Annotated[str, typer.Option("--baselines", help="Experiment whose methods sweep marks figure D.")] = "methods",
+) -> None:
+    """Rebuild a sweep's figures from MLflow (mean and 95% bootstrap CI) and log them to its parent run."""
+    from sweeps.figures import make_figures
+    from sweeps.tracking import check_tracking_uri
+
+    uri = _tracking(tracking_uri)
+    check_tracking_uri(uri)
+    for path in make_figures(uri, experiment, out, baselines):
+        print(path)
+
+
+@app.command()
+def compare(
+    experiment: Annotated[str, typer.Option("--experiment")] = "methods",
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the markdown table here.")] = None,
+) -> None:
+    """ckt_ro vs ce, kd, adv from a methods sweep: paired differences with 95% CIs, as markdown."""
+    from sweeps.figures import compare_table
+    from sweeps.tracking import check_tracking_uri
+
+    uri = _tracking(tracking_uri)
+    check_tracking_uri(uri)
+    text = compare_table(uri, experiment)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    print(text)
+
+
+@app.command()
 def ui(
     port: Annotated[int, typer.Option("--port")] = 5000,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +17,6 @@ from trainable.config import EvalAttackConfig
 from trainable.perturb import make_delta
 
 EVAL_ATTACK_SEED = 1234
-ITEM_KEYS = ("y", "pred", "pred_attacked", "pred_noisy", "teacher_pred", "js", "hard")
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -31,16 +31,7 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def kd_alignment(p_student: torch.Tensor, p_teacher: torch.Tensor) -> float:
     """100 * (1 - mean JS(p_S, p_T) / ln 2): 100 when the student matches the teacher exactly."""
-    return alignment_from_js(js_divergence(p_student, p_teacher))
-
-
-def alignment_from_js(js: torch.Tensor) -> float:
-    return 100.0 * (1.0 - js.double().mean().item() / math.log(2))
-
-
-def percent(mask: torch.Tensor) -> float:
-    """Share of True entries, in percent (NaN on an empty selection, never a silent 0)."""
-    return 100.0 * mask.float().mean().item() if mask.numel() else float("nan")
+    return 100.0 * (1.0 - js_divergence(p_student, p_teacher).double().mean().item() / math.log(2))
 
 
 def test_items(pred: torch.Tensor, pred_attacked: torch.Tensor, pred_noisy_text: torch.Tensor, y: torch.Tensor,
@@ -58,32 +49,42 @@ def test_items(pred: torch.Tensor, pred_attacked: torch.Tensor, pred_noisy_text:
     }
 
 
+def item_scores(items: dict[str, list], label_names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each metric as (per-item value, per-item mask): the metric is 100 * mean(value[mask]).
+
+    The one definition of every DESIGN §4 metric; ``item_metrics`` and the bootstrap in
+    sweeps/figures.py both read it, so a CI is always a CI of the reported number."""
+    y, pred, att = (np.asarray(items[k]) for k in ("y", "pred", "pred_attacked"))
+    every = np.ones(len(y), dtype=bool)
+    alignment = 1.0 - np.asarray(items["js"], dtype=float) / math.log(2)
+    s = {
+        "accuracy": (pred == y, every),
+        "kd_alignment": (alignment, every),
+        "teacher_agreement": (pred == np.asarray(items["teacher_pred"]), every),
+        "noise_robustness": (att == y, every),
+        "alignment_stability": (att == pred, every),
+        "noisy_text_accuracy": (np.asarray(items["pred_noisy"]) == y, every),
+    }
+    s["safety_score"] = ((alignment + (att == y) + (att == pred)) / 3, every)
+    if "harmful" in label_names:
+        h = label_names.index("harmful")
+        s["harmful_recall"] = (pred == h, y == h)
+        s["benign_pass_rate"] = (pred != h, y != h)
+        s["attack_success_rate"] = (att != h, y == h)
+    hard = np.asarray(items["hard"], dtype=bool)
+    if hard.any():
+        s["hard_accuracy"] = (pred == y, hard)
+    return s
+
+
 def item_metrics(items: dict[str, list], label_names: list[str], idx=None) -> dict[str, float]:
     """Every DESIGN §4 metric from per-item outcomes, optionally on a resample ``idx`` of the items."""
-    t = {k: torch.as_tensor(items[k]) for k in ITEM_KEYS}
-    if idx is not None:
-        idx = torch.as_tensor(idx)
-        t = {k: v[idx] for k, v in t.items()}
-    y, pred, attacked = t["y"], t["pred"], t["pred_attacked"]
-    m = {
-        "accuracy": percent(pred == y),
-        "kd_alignment": alignment_from_js(t["js"]),
-        "teacher_agreement": percent(pred == t["teacher_pred"]),
-        "noise_robustness": percent(attacked == y),
-        "alignment_stability": percent(attacked == pred),
-        "noisy_text_accuracy": percent(t["pred_noisy"] == y),
-    }
-    m["safety_score"] = (m["kd_alignment"] + m["noise_robustness"] + m["alignment_stability"]) / 3
-    if "harmful" in label_names:
-        harmful = label_names.index("harmful")
-        is_harmful = y == harmful
-        m["harmful_recall"] = percent(pred[is_harmful] == harmful)
-        m["benign_pass_rate"] = percent(pred[~is_harmful] != harmful)
-        m["attack_success_rate"] = percent(attacked[is_harmful] != harmful)
-    hard = t["hard"].bool()
-    if hard.any():
-        m["hard_accuracy"] = percent(pred[hard] == y[hard])
-    return m
+    out = {}
+    for name, (value, mask) in item_scores(items, label_names).items():
+        if idx is not None:
+            value, mask = value[np.asarray(idx)], mask[np.asarray(idx)]
+        out[name] = 100.0 * float(value[mask].mean()) if mask.any() else float("nan")
+    return out
 
 
 def classification_metrics(pred: torch.Tensor, pred_attacked: torch.Tensor, pred_noisy_text: torch.Tensor,
