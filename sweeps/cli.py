@@ -246,6 +246,11 @@ def ui(
     if root:
         cmd += ["--default-artifact-root", root]
     print(f"MLflow UI: http://127.0.0.1:{port}  (backend {uri})", flush=True)
+    from sweeps.mlflow_view import latest_view_url
+
+    view = latest_view_url(uri, f"http://127.0.0.1:{port}")  # None if no sweep wrote a view yet
+    if view:
+        print(f"Pareto view of the latest sweep: {view}", flush=True)
     # No background job runners: they are separate processes that outlive a killed server.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(cmd[0], cmd)

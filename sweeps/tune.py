@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeps import pareto, tracking
+from sweeps import mlflow_view, pareto, tracking
 from sweeps.spec import SweepSpec, nest
 
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -438,6 +438,9 @@ def finalize(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, swee
     front_ids = {row["run_id"] for row in front}
     for row in rows:
         client.set_tag(row["run_id"], "pareto", str(row["run_id"] in front_ids).lower())
+    # The MLflow UI as the sweep's dashboard: saved Pareto view, coloured front, parent description.
+    # Never raises: a refused view is a warning, not a failed sweep.
+    mlflow_view.publish_sweep_view(client, experiment_id, parent_id, spec, rows, front_ids, hv, failed, killed=killed)
 
     searched = list(spec.space)
     with tempfile.TemporaryDirectory() as tmp:
