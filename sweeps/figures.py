@@ -10,6 +10,7 @@ split seeds), then the test items within each run. A 256-item test set alone car
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import numpy as np
 
 from sweeps import tracking
 from trainable.metrics import item_scores
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per trial is noise
 
 N_BOOT = 2000
 FIGURE_METRICS = ("kd_alignment", "noise_robustness", "alignment_stability")
@@ -64,49 +67,83 @@ def load_trials(uri: str, experiment: str) -> tuple[Any, list[Trial]]:
     return parent, trials
 
 
-def bootstrap(trials: list[Trial], metric: str, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> Estimate:
-    """Mean of a metric over runs, with a percentile CI from resampling runs, then items within runs."""
+def _test_set(items: dict[str, list]) -> tuple:
+    """Identity of a run's test set: runs that share a split share their test items."""
+    return (len(items["y"]), tuple(items["y"]), tuple(items["hard"]), tuple(items["teacher_pred"]))
+
+
+def _clusters(units: list, key) -> list[list]:
+    """Runs (or pairs of runs) grouped by the test set they share."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for u in units:
+        groups[_test_set(key(u).items)].append(u)
+    return list(groups.values())
+
+
+def _resample(clusters: list[list], stat, rng: np.random.Generator) -> float:
+    """One bootstrap draw: test sets with replacement; within each, one resample of its items shared
+    by all its runs (they saw the same items), and its runs (seeds) with replacement."""
+    per_cluster = []
+    for c in rng.integers(0, len(clusters), len(clusters)):
+        runs = clusters[c]
+        idx = rng.integers(0, stat.n_items(runs[0]), stat.n_items(runs[0]))
+        per_cluster.append(np.nanmean([stat(runs[r], idx) for r in rng.integers(0, len(runs), len(runs))]))
+    return float(np.nanmean(per_cluster))
+
+
+class _Mean:
+    """metric(run) on a resample idx of its test items."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self._scores: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def scores(self, trial: Trial) -> tuple[np.ndarray, np.ndarray]:
+        if id(trial) not in self._scores:  # computed once per run, not once per bootstrap draw
+            self._scores[id(trial)] = item_scores(trial.items, trial.items["label_names"])[self.metric]
+        return self._scores[id(trial)]
+
+    def n_items(self, trial: Trial) -> int:
+        return len(trial.items["y"])
+
+    def __call__(self, trial: Trial, idx=None) -> float:
+        value, mask = self.scores(trial)
+        if idx is not None:
+            value, mask = value[idx], mask[idx]
+        return value[mask].mean() if mask.any() else np.nan
+
+
+class _Diff(_Mean):
+    """metric(a) - metric(b) for a pair (a, b) of runs on the same test set and items."""
+
+    def n_items(self, pair) -> int:
+        return len(pair[0].items["y"])
+
+    def __call__(self, pair, idx=None) -> float:
+        return super().__call__(pair[0], idx) - super().__call__(pair[1], idx)
+
+
+def _estimate(units: list, stat, key, n_boot: int, seed: int, level: float) -> Estimate:
     rng = np.random.default_rng(seed)
-    per_run = [item_scores(t.items, t.items["label_names"])[metric] for t in trials]
-    point = float(np.mean([v[m].mean() for v, m in per_run])) * 100
-    draws = np.empty(n_boot)
-    for b in range(n_boot):
-        picks = rng.integers(0, len(per_run), len(per_run))
-        vals = []
-        for r in picks:
-            value, mask = per_run[r]
-            idx = rng.integers(0, len(value), len(value))
-            sel = mask[idx]
-            vals.append(value[idx][sel].mean() if sel.any() else np.nan)
-        draws[b] = np.nanmean(vals) * 100
+    clusters = _clusters(units, key)
+    point = float(np.nanmean([stat(u) for u in units])) * 100
+    draws = np.array([_resample(clusters, stat, rng) for _ in range(n_boot)]) * 100
     a = (1 - level) / 2
     lo, hi = np.nanquantile(draws, [a, 1 - a])
-    return Estimate(point, float(lo), float(hi), len(trials), len(per_run[0][0]))
+    return Estimate(point, float(lo), float(hi), len(units), len(key(units[0]).items["y"]))
 
 
-def paired_difference(a: list[Trial], b: list[Trial], metric: str, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
-    """Mean of metric(a) - metric(b) over pairs that share a test set, with a bootstrap CI that
-    resamples pairs and, within a pair, the same test items for both sides."""
-    rng = np.random.default_rng(seed)
-    pairs = [(item_scores(x.items, x.items["label_names"])[metric], item_scores(y.items, y.items["label_names"])[metric])
-             for x, y in zip(a, b)]
+def bootstrap(trials: list[Trial], metric: str, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> Estimate:
+    """Mean of a metric over runs, with a percentile CI from resampling test sets (split seeds), the
+    items of each test set, and the runs (seeds) on it: test-set sampling error is in the interval."""
+    return _estimate(trials, _Mean(metric), lambda t: t, n_boot, seed, level)
 
-    def diff(pa, pb, idx=None):
-        (va, ma), (vb, mb) = pa, pb
-        if idx is not None:
-            va, ma, vb, mb = va[idx], ma[idx], vb[idx], mb[idx]
-        return (va[ma].mean() - vb[mb].mean()) if ma.any() and mb.any() else np.nan
 
-    point = float(np.nanmean([diff(pa, pb) for pa, pb in pairs])) * 100
-    draws = np.empty(n_boot)
-    for k in range(n_boot):
-        vals = []
-        for r in rng.integers(0, len(pairs), len(pairs)):
-            pa, pb = pairs[r]
-            vals.append(diff(pa, pb, rng.integers(0, len(pa[0]), len(pa[0]))))
-        draws[k] = np.nanmean(vals) * 100
-    lo, hi = np.nanquantile(draws, [0.025, 0.975])
-    return Estimate(point, float(lo), float(hi), len(pairs), len(pairs[0][0][0]))
+def paired_difference(a: list[Trial], b: list[Trial], metric: str, n_boot: int = N_BOOT, seed: int = 0,
+                      level: float = 0.95) -> Estimate:
+    """Mean of metric(a) - metric(b) over pairs run on the same test set, with the same resampling
+    as ``bootstrap`` and each draw's items shared by both sides of a pair."""
+    return _estimate(list(zip(a, b)), _Diff(metric), lambda pair: pair[0], n_boot, seed, level)
 
 
 def _group(trials: list[Trial], *keys: str) -> dict[tuple, list[Trial]]:
@@ -162,10 +199,13 @@ def _draw(panels: list[Panel], x_label: str, title: str, out: Path, stem: str, l
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     pfig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p.metric for p in panels])
     for col, (ax, panel) in enumerate(zip(axes[0], panels), start=1):
-        for s in panel.series:
+        for i, s in enumerate(panel.series):
             m = [e.mean for e in s.estimates]
             err = [[e.mean - e.lo for e in s.estimates], [e.hi - e.mean for e in s.estimates]]
-            ax.errorbar(s.x, m, yerr=err, marker="o", capsize=3, label=s.label)
+            # Dodge series sideways a little, so overlapping lines (e.g. fp32 and bf16) stay visible.
+            shift = 0.04 * (i - (len(panel.series) - 1) / 2)
+            xs = [x * (1 + shift) if log_x else x + shift * (max(s.x) - min(s.x) or 1) for x in s.x]
+            ax.errorbar(xs, m, yerr=err, marker="o", capsize=3, label=s.label, alpha=0.85)
             pfig.add_trace(go.Scatter(x=s.x, y=m, name=s.label, legendgroup=s.label, showlegend=col == 1,
                                       error_y={"type": "data", "symmetric": False, "array": err[1], "arrayminus": err[0]},
                                       hovertemplate=f"{s.label}<br>x=%{{x}}<br>{panel.metric}=%{{y:.1f}}<extra></extra>"),
@@ -192,7 +232,8 @@ def _draw(panels: list[Panel], x_label: str, title: str, out: Path, stem: str, l
 
 
 def _title(what: str, parent, trials: list[Trial], per_point: int) -> str:
-    n_items = len(trials[0].items["y"])
+    sizes = sorted({len(t.items["y"]) for t in trials})
+    n_items = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     return f"{what} - {_dataset(parent)}, n={n_items} test items x {per_point} runs per point, 95% bootstrap CI"
 
 
@@ -309,9 +350,10 @@ def compare_table(uri: str, experiment: str = "methods", metrics=COMPARE_METRICS
     """Markdown: per dataset and metric, ckt_ro's mean [95% CI] and its paired difference to each baseline."""
     parent, trials = load_trials(uri, experiment)
     lines = [f"# Method comparison (experiment `{experiment}`, run `{parent.info.run_name}`)", "",
-             "Means and differences on 0-100 scales with 95% bootstrap CIs (resampling seeds x splits, then test "
-             "items; differences are paired on the same seed, split and test items). A difference whose CI "
-             "excludes 0 is marked *.", ""]
+             "Means and differences on 0-100 scales with 95% bootstrap CIs: each draw resamples the test sets "
+             "(split seeds), the items of each test set, and the seeds run on it, so test-set sampling error "
+             "is in the interval. Differences are paired on the same seed, split and test items. A difference "
+             "whose CI excludes 0 is marked *.", ""]
     for (dataset,), members in _group(trials, "data.name").items():
         by_method = {m[0]: ts for m, ts in _group(members, "method").items()}
         if "ckt_ro" not in by_method:
