@@ -248,6 +248,8 @@ def make_figures(uri: str, experiment: str, out: Path, baselines_experiment: str
     seeds = [k for k in ("seed", "data.split_seed") if k in space]
     per_point = max(1, int(np.prod([len(set(t.params.get(k) for t in trials)) for k in seeds]))) if seeds else 1
     paths: list[Path] = []
+    if parent.data.params.get("sampler.kind") != "grid":  # a searched (Pareto) sweep: figure D only
+        space = []
     if "distill_weight" in space:
         paths += _draw(_panels(trials, "distill_weight", None), "distillation weight w (log scale; 0 at left)",
                        _title("A: sensitivity to the distillation weight", parent, trials, per_point), out, "A_distill_weight", True)
@@ -264,7 +266,7 @@ def make_figures(uri: str, experiment: str, out: Path, baselines_experiment: str
     if "data.shift" in space:
         shifted = [t for t in trials if t.params.get("data.label_noise", 0) in (0, 0.0)]
         paths += _shift_figure(shifted, parent, out, per_point)
-    if not paths:  # a Pareto sweep: figure D
+    if not paths:  # a Pareto sweep, or a grid over knobs no one-factor figure covers: figure D
         paths += _pareto_figure(uri, parent, trials, out, baselines_experiment)
     client = tracking._client(uri)
     for p in paths:
