@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: run test install system-deps reproduce clean
+.PHONY: run test install system-deps reproduce bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -42,6 +42,10 @@ reproduce: $(STAMP)
 	$(BIN)/alignsweep sweep noise_shift && $(BIN)/alignsweep figures --experiment noise_shift --out $(FIGS)
 	$(BIN)/alignsweep sweep methods && $(BIN)/alignsweep compare --experiment methods --out $(FIGS)/compare.md
 	$(BIN)/alignsweep sweep pareto && $(BIN)/alignsweep figures --experiment pareto --out $(FIGS)
+
+# Issue 6: measured figures and ratios, printed as one table (under 20 minutes here).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

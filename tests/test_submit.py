@@ -61,7 +61,9 @@ def ray_head():
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
                              "--include-dashboard=true", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            # a job's `python` is the node's: on a real cluster the image's, here this venv's
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=180)
         yield f"http://127.0.0.1:{dash}"
