@@ -41,17 +41,21 @@ def backbone_fingerprint(name: str) -> str:
     return h.hexdigest()[:16]
 
 
+def load_tokenizer(name: str):
+    """The backbone's tokenizer alone: tokenizing splits needs no weights."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(backbone_path(name), local_files_only=os.environ.get("HF_HUB_OFFLINE", "1") != "0")
+
+
 def load_backbone(name: str) -> tuple[object, nn.Module]:
     """(tokenizer, encoder model) from a local directory, without touching the network."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load is noise in a sweep of hundreds of trials
-    path = backbone_path(name)
     offline = os.environ.get("HF_HUB_OFFLINE", "1") != "0"
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
-    model = AutoModel.from_pretrained(path, local_files_only=offline)
-    return tokenizer, model
+    return load_tokenizer(name), AutoModel.from_pretrained(backbone_path(name), local_files_only=offline)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -71,7 +71,7 @@ def prepare_artifacts(config: TrainConfig, device: str = "cpu") -> Artifacts:
     feats = bb.cached_features(config.backbone, config.pooling, config.data.max_len, splits.texts, cache, device)
     inputs = {split: {"features": f} for split, f in feats.items()}
     if config.needs_backbone_in_loop():
-        tokenizer, _ = bb.load_backbone(config.backbone)
+        tokenizer = bb.load_tokenizer(config.backbone)  # the model itself is loaded once, in train_loop
         for split, texts in splits.texts.items():
             inputs[split].update(bb.tokenize(tokenizer, texts, config.data.max_len))
     z_t = teacher_logits(config, splits.texts, splits.clean_train_labels, splits.num_classes, splits.teacher_column, device)
