@@ -101,13 +101,13 @@ def test_shared_artifacts_are_cached(tiny_overrides):
     assert CACHE_STATS["feature_hits"] - before["feature_hits"] == 1
 
 
-def test_final_checkpoint_holds_per_item_outcomes_that_reproduce_the_metrics(tiny_overrides):
+def test_final_checkpoint_holds_per_item_outcomes_that_reproduce_the_metrics(tiny_overrides, tmp_path):
     import json
 
     from trainable.metrics import item_metrics
 
     rec = Recorder()
-    final = train_loop(_cfg(tiny_overrides, budget_steps=4), rec)
+    final = train_loop(_cfg(tiny_overrides, budget_steps=4), rec, checkpoint_root=tmp_path)
     items = json.loads((rec.checkpoints[-1] / "eval_items.json").read_text())
     again = item_metrics(items, items["label_names"])
     assert again.keys() == final.keys()
@@ -122,3 +122,17 @@ def test_label_noise_levels_share_features_and_teacher(tiny_overrides):
         prepare_artifacts(_cfg(tiny_overrides, data={"label_noise": noise}))
     assert CACHE_STATS["feature_misses"] - before["feature_misses"] == 1
     assert TEACHER_STATS["teacher_misses"] - t_before["teacher_misses"] == 1
+
+
+def test_checkpoints_without_a_root_are_removed_when_the_loop_ends(tiny_overrides):
+    """A sweep runs thousands of loops on one node: their temporary checkpoints must not pile up."""
+    seen = []
+
+    def report(metrics, checkpoint=None):
+        if checkpoint is not None:
+            assert (checkpoint / "state.pt").is_file()  # alive while the caller copies it
+            seen.append(checkpoint)
+
+    train_loop(_cfg(tiny_overrides, budget_steps=8, checkpoint_every=4), report)
+    assert [c.name for c in seen] == ["step_000004", "step_000008"]
+    assert not seen[0].parent.exists()

@@ -102,6 +102,21 @@ def checkpoint_step(path: str | Path) -> int:
 
 def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | None = None,
                checkpoint_root: str | Path | None = None, artifacts: Artifacts | None = None) -> dict[str, float]:
+    """Train one student; returns the final metrics.
+
+    ``report(metrics, checkpoint=None)`` must take what it keeps of a checkpoint before it returns
+    (``tune.report`` / ``ray.train.report`` copy it into run storage): without ``checkpoint_root``
+    the checkpoints live in a temporary directory that is removed when the loop ends, so a
+    thousand-trial sweep does not fill the node's /tmp.
+    """
+    if checkpoint_root is not None:
+        return _train(config, report, resume_from, Path(checkpoint_root), artifacts)
+    with tempfile.TemporaryDirectory(prefix="alignsweep-ckpt-") as tmp:
+        return _train(config, report, resume_from, Path(tmp), artifacts)
+
+
+def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, ckpt_root: Path,
+           artifacts: Artifacts | None) -> dict[str, float]:
     device = config.resolve_device()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     art = artifacts or prepare_artifacts(config, device)
@@ -122,7 +137,6 @@ def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | No
         student.load_state_dict(state["student"], strict=False)
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
-    ckpt_root = Path(checkpoint_root or tempfile.mkdtemp(prefix="alignsweep-ckpt-"))
 
     terms = config.terms()
     space, pcfg = config.perturb.space, config.perturb
