@@ -9,8 +9,9 @@ drives, so `alpha: {kind: uniform, low: 0, high: 1.5}` fails here, naming
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, model_validator
@@ -93,10 +94,55 @@ class Resources(StrictModel):
     launch: Literal["auto", "in_process", "torch_trainer"] = "auto"
     """auto: in-process (reuse_actors) for one worker per trial; a TorchTrainer inside the trial for more."""
 
+    DRIVER_CPU: ClassVar[float] = 0.01
+    """CPU held by a trial that only drives a TorchTrainer (its Train workers hold the rest)."""
+
+    @model_validator(mode="after")
+    def _one_worker_in_process(self) -> Resources:
+        if self.launch == "in_process" and self.workers_per_trial > 1:
+            raise ValueError(f"workers_per_trial={self.workers_per_trial} needs launch torch_trainer or auto; "
+                             "in_process runs one worker per trial")
+        return self
+
     def mode(self) -> str:
         if self.launch != "auto":
             return self.launch
         return "torch_trainer" if self.workers_per_trial > 1 else "in_process"
+
+    def trial_bundle(self) -> dict[str, float]:
+        """What Tune reserves for the trial itself."""
+        if self.mode() == "torch_trainer":
+            return {"CPU": self.DRIVER_CPU}
+        return {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
+
+    def check_fits(self, nodes: list[dict[str, float]]) -> None:
+        """Raise ConfigError when one trial can never be placed on these nodes' resources (Ray's
+        ``Resources`` per alive node): Tune would otherwise wait for resources forever."""
+
+        def show(res: dict[str, float]) -> str:
+            return f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+
+        worker = {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
+        if not any(all(n.get(k, 0.0) >= v for k, v in worker.items()) for n in nodes):
+            largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
+            raise ConfigError(f"resources: one worker needs {show(worker)} (resources.cpus_per_worker, "
+                              f"resources.gpus_per_worker); the largest node has {show(largest)}")
+        if self.mode() != "torch_trainer":
+            return
+        total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+        need = {"CPU": self.workers_per_trial * self.cpus_per_worker + self.DRIVER_CPU,
+                "GPU": self.workers_per_trial * self.gpus_per_worker}
+        if need["CPU"] > total["CPU"] + 1e-9:
+            most = (total["CPU"] - self.DRIVER_CPU) / self.workers_per_trial
+            raise ConfigError(
+                f"resources: a TorchTrainer trial needs workers_per_trial ({self.workers_per_trial}) x "
+                f"cpus_per_worker ({self.cpus_per_worker:g}) + {self.DRIVER_CPU} CPU for the trial itself = "
+                f"{need['CPU']:g} CPU; the cluster has {total['CPU']:g}: set resources.cpus_per_worker <= "
+                f"{math.floor(most * 100) / 100:g} or fewer workers_per_trial")
+        if need["GPU"] > total["GPU"] + 1e-9:
+            raise ConfigError(f"resources: a TorchTrainer trial needs workers_per_trial ({self.workers_per_trial}) x "
+                              f"gpus_per_worker ({self.gpus_per_worker:g}) = {need['GPU']:g} GPU; the cluster has "
+                              f"{total['GPU']:g}")
 
 
 class SweepSpec(StrictModel):
