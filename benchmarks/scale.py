@@ -105,7 +105,8 @@ def searcher_alone(storage_kind: str, trials: int, pending: int) -> list[tuple[i
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = _spec(trials, pending)
     tmp = Path(tempfile.mkdtemp(prefix="bench-searcher-"))
-    storage = st._rdb(f"sqlite:///{tmp / 'optuna.db'}") if storage_kind == "rdb" else None
+    storage = (st.study_storage(f"sqlite:///{tmp / 'optuna.db'}") if storage_kind == "rdb" else
+               st.study_storage(str(tmp / st.JOURNAL)) if storage_kind == "journal" else None)
     searcher = st._searcher_class()(metric=spec.metrics, mode=spec.modes, sampler=st.make_sampler(spec),
                                     storage=storage, study_name="bench-searcher", max_trials=trials)
     searcher.set_search_properties(None, None, st.param_space(spec))
@@ -154,7 +155,7 @@ def one_run(st, tune, searcher_kind: str, trials: int, concurrency: int) -> dict
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     searcher = None
     if searcher_kind != "basic":
-        storage = st._rdb(f"sqlite:///{tmp / 'optuna.db'}") if searcher_kind == "optuna-rdb" else None
+        storage = st.study_storage(str(tmp / st.JOURNAL)) if searcher_kind == "optuna-journal" else None
         searcher = Timed(metric=spec.metrics, mode=spec.modes, sampler=st.make_sampler(spec), storage=storage,
                          study_name="bench-scale", max_trials=trials)
     tuner = tune.Tuner(

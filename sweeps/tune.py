@@ -20,12 +20,14 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sweeps import mlflow_view, pareto, tracking
 from sweeps.spec import SweepSpec, nest
+from trainable.config import ConfigError
 
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -56,16 +58,27 @@ def _searcher_class():
         def __init__(self, *args, max_trials: int | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.max_trials = max_trials
+            self._counted: int | None = None  # trials that count, read from the study once per driver
 
         def suggest(self, trial_id: str):
-            if self.max_trials is not None and trial_id not in self._ot_trials:
+            if self.max_trials is None or trial_id in self._ot_trials:
+                return super().suggest(trial_id)
+            if self._counted is None:
+                # Read the study once (a resumed driver: it may hold trials Tune forgot), then count
+                # locally: reading every trial back on each suggest costs O(trials) per trial.
                 from optuna.trial import TrialState
 
-                counted = [t for t in self._ot_study.get_trials(deepcopy=False)
-                           if t.state != TrialState.FAIL or not t.user_attrs.get("orphaned")]
-                if len(counted) >= self.max_trials:
-                    return self.FINISHED
-            return super().suggest(trial_id)
+                self._counted = sum(1 for t in self._ot_study.get_trials(deepcopy=False)
+                                    if t.state != TrialState.FAIL or not t.user_attrs.get("orphaned"))
+            if self._counted >= self.max_trials:
+                return self.FINISHED
+            params = super().suggest(trial_id)
+            self._counted += trial_id in self._ot_trials
+            return params
+
+        def restore(self, checkpoint_path: str) -> None:
+            super().restore(checkpoint_path)
+            self._counted = None  # the study may have moved on since this state was saved
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             from optuna.trial import TrialState
@@ -125,13 +138,33 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 
 
 def optuna_storage_url(tracking_uri: str, storage_root: str) -> str:
-    """The study lives in sqlite beside the MLflow db, else in the local run storage, else (object
-    storage) in the driver's working directory, so optuna-dashboard can watch it live."""
+    """Where the study's journal lives: beside the MLflow sqlite db, else in the local run storage,
+    else (object storage) in the driver's working directory. ``optuna-dashboard <path>`` opens it live.
+
+    A journal (append-only file, replayed in memory) and not sqlite: on sqlite every suggest reads
+    the whole study back, 48x the in-memory cost at 100 trials; the journal costs ~2-3x (DESIGN §7,
+    measured in benchmarks/scale.py)."""
     if tracking_uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).resolve().parent / 'optuna.db'}"
+        return str(Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / JOURNAL)
     if "://" not in storage_root:
-        return f"sqlite:///{Path(storage_root) / 'optuna.db'}"
-    return f"sqlite:///{Path('optuna.db').resolve()}"
+        return str(Path(storage_root) / JOURNAL)
+    return str(Path(JOURNAL).resolve())
+
+
+JOURNAL = "optuna-journal.log"
+
+
+def study_storage(location: str):
+    """Optuna storage for a ``optuna_storage`` value: a database URL (``sqlite:///…``,
+    ``postgresql://…``) or the path of a journal file."""
+    import optuna
+
+    if "://" in location:
+        return optuna.storages.RDBStorage(location, engine_kwargs={"connect_args": {"timeout": 30}}
+                                          if location.startswith("sqlite") else {})
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(location))
 
 
 # -- the trial --------------------------------------------------------------------------------
@@ -313,45 +346,39 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
     import ray
     from ray import tune
 
-    from trainable.loop import prepare_artifacts
-
     start = time.monotonic()
     storage_root, fs, fs_root = _storage(storage or spec.storage or "runs")
     sweep_name = _latest_sweep(fs, fs_root, spec.name) if resume else None
     if resume and sweep_name is None:
-        from trainable.config import ConfigError
-
         raise ConfigError(f"--resume: no earlier sweep '{spec.name}' under {storage_root}")
     sweep_name = sweep_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_path = f"{storage_root}/{sweep_name}"
 
-    # Shared artifacts once, in the driver: every trial then loads them from the cache.
-    hashes = sorted({prepare_artifacts(cfg).key for cfg in spec.artifact_variants()})
-
-    experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment_name)
-    parent_id = tracking.start_parent(tracking_uri, experiment_id, spec, sweep_path, hashes)
-
-    if address:
-        ray.init(address=address)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Ray's start-up (~3 s here) runs beside the driver's own preparation, which mostly waits on
+    # imports and disk: the shared artifacts (once, here; every trial then loads them from the
+    # cache) and the MLflow store (a fresh sqlite db migrates its schema for ~1.4 s).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        prepared = pool.submit(_prepare, spec, tracking_uri)
+        local = _start_ray(address)
+        try:
+            _check_fits(spec, local)
+            hashes = prepared.result()
+        except BaseException:
+            prepared.cancel()
+            ray.shutdown()
+            raise
     try:
+        experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment_name)
+        parent_id = tracking.start_parent(tracking_uri, experiment_id, spec, sweep_path, hashes)
         ctx = TrialContext(spec, tracking_uri, experiment_id, parent_id, storage_root)
-        r = spec.resources
-        if r.mode() == "torch_trainer":  # the trial only drives; its Train workers hold the resources
-            resources = {"CPU": 0.01}
-        else:
-            resources = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), spec.resources.trial_bundle())
         if resume and tune.Tuner.can_restore(sweep_path):
-            _fail_unowned_optuna_trials(spec, tracking_uri, storage_root, sweep_name, sweep_path)
+            _fail_unowned_optuna_trials(sweep_path)
             tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True)
         else:
             searcher = _searcher_class()(
                 metric=spec.metrics, mode=spec.modes, sampler=make_sampler(spec), study_name=sweep_name,
-                storage=_rdb(optuna_storage_url(tracking_uri, storage_root)), max_trials=spec.num_trials(),
+                storage=study_storage(optuna_storage_url(tracking_uri, storage_root)), max_trials=spec.num_trials(),
             )
             tuner = tune.Tuner(
                 trainable,
@@ -372,26 +399,62 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
             raise
         checkpoints = {res.metrics.get("trial_id"): res.checkpoint.path for res in grid
                        if res.checkpoint is not None and res.metrics}
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    return finalize(spec, tracking_uri, experiment_id, parent_id, sweep_path, checkpoints,
-                    optuna_storage_url(tracking_uri, storage_root), sweep_name, time.monotonic() - start)
+    except BaseException:
+        ray.shutdown()
+        raise
+    # Ray's shutdown (~1.4 s here) runs beside finalize, which needs only MLflow and the study.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        stopping = pool.submit(ray.shutdown)
+        result = finalize(spec, tracking_uri, experiment_id, parent_id, sweep_path, checkpoints,
+                          optuna_storage_url(tracking_uri, storage_root), sweep_name, time.monotonic() - start)
+        stopping.result()
+    return result
+
+
+def _prepare(spec: SweepSpec, tracking_uri: str) -> list[str]:
+    """The shared artifacts' content hashes, and an initialised MLflow store (nothing logged yet)."""
+    from trainable.loop import prepare_artifacts
+
+    hashes = sorted({prepare_artifacts(cfg).key for cfg in spec.artifact_variants()})
+    tracking._client(tracking_uri).search_experiments(max_results=1)
+    return hashes
+
+
+def _start_ray(address: str | None) -> bool:
+    """Connect to the cluster at ``address`` or ``RAY_ADDRESS``, else start an embedded Ray.
+    Returns whether Ray is embedded (local)."""
+    import ray
+
+    if address:
+        ray.init(address=address)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        return True
+    return False
+
+
+def _check_fits(spec: SweepSpec, local: bool) -> None:
+    """One trial must fit the cluster, or Tune waits for resources forever. An embedded Ray has
+    all it will ever have: refuse. A cluster may be autoscaling: warn."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    try:
+        spec.resources.check_fits(nodes)
+    except ConfigError as err:
+        if local:
+            raise
+        logging.getLogger(__name__).warning("%s (now; trials wait unless the cluster scales up)", err)
 
 
 def _trial_name(trial) -> str:
     return f"trial-{trial.trial_id}"
 
 
-def _rdb(url: str):
-    import optuna
-
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
-
-
-def _fail_unowned_optuna_trials(spec, tracking_uri, storage_root, study_name, sweep_path) -> None:
+def _fail_unowned_optuna_trials(sweep_path: str) -> None:
     """After a driver kill, Optuna trials started after Tune's last save are RUNNING with no owner."""
-    import optuna
     from optuna.trial import TrialState
 
     searcher = _searcher_class()()
@@ -400,7 +463,7 @@ def _fail_unowned_optuna_trials(spec, tracking_uri, storage_root, study_name, sw
     except (FileNotFoundError, RuntimeError):
         return
     owned = {t.number for tid, t in searcher._ot_trials.items() if tid not in searcher._completed_trials}
-    study = optuna.load_study(study_name=study_name, storage=_rdb(optuna_storage_url(tracking_uri, storage_root)))
+    study = searcher._ot_study  # its pickled storage: the study this sweep started on
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.number not in owned:
             study._storage.set_trial_user_attr(t._trial_id, "orphaned", True)
@@ -423,7 +486,7 @@ def finalize(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, swee
     killed = tracking.close_orphans(uri, experiment_id, parent_id)
     # Optuna trials still RUNNING now belong to no live Tune trial.
     try:
-        study = optuna.load_study(study_name=study_name, storage=_rdb(study_url))
+        study = optuna.load_study(study_name=study_name, storage=study_storage(study_url))
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)
     except KeyError:

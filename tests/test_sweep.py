@@ -3,6 +3,7 @@ nested runs, the tagged front, study directions, cache reuse, failures, a killed
 killed driver. Each sweep runs through the real `alignsweep` console script."""
 
 import json
+import re
 import os
 import signal
 import sqlite3
@@ -18,6 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from sweeps import pareto
+from sweeps.tune import study_storage
 
 BIN = Path(sys.executable).parent / "alignsweep"
 OBJ = ["kd_alignment", "noise_robustness"]
@@ -96,7 +98,8 @@ def test_four_trial_sweep_nests_runs_and_tags_the_front(tmp_path, tiny_backbone,
 
     # the study is multi-objective: one direction per objective
     study_url, study_name = parent.data.tags["optuna_storage"], parent.data.tags["optuna_study"]
-    study = optuna.load_study(study_name=study_name, storage=study_url)
+    assert Path(study_url) == tmp_path / "optuna-journal.log"  # a journal beside the MLflow db
+    study = optuna.load_study(study_name=study_name, storage=study_storage(study_url))
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"]
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
 
@@ -127,7 +130,7 @@ def test_diverging_trial_fails_and_the_sweep_goes_on(tmp_path, tiny_backbone, to
     assert statuses == ["FAILED", "FINISHED"]
     failed = next(c for c in children if c.info.status == "FAILED")
     assert "Diverged" in failed.data.tags["failure"] and "step" in failed.data.tags["failure"]
-    study = optuna.load_study(study_name=parents[0].data.tags["optuna_study"], storage=parents[0].data.tags["optuna_storage"])
+    study = optuna.load_study(study_name=parents[0].data.tags["optuna_study"], storage=study_storage(parents[0].data.tags["optuna_storage"]))
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]  # never a NaN, never left RUNNING
 
 
@@ -183,7 +186,7 @@ def test_resume_after_driver_sigkill(tmp_path, tiny_backbone, toy_csv):
     assert len(done) == 8
     assert len({c.data.tags["tune_trial_id"] for c in done}) == 8  # no duplicates among completed trials
     assert not [c for c in children if c.info.status == "RUNNING"]
-    study = optuna.load_study(study_name=parents[0].data.tags["optuna_study"], storage=parents[0].data.tags["optuna_storage"])
+    study = optuna.load_study(study_name=parents[0].data.tags["optuna_study"], storage=study_storage(parents[0].data.tags["optuna_storage"]))
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
 
 
@@ -194,6 +197,38 @@ def test_bad_spec_exits_2_before_anything_is_written(tmp_path, tiny_backbone, to
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "space.alpha" in out.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_trial_that_cannot_fit_the_cluster_exits_2_before_any_run(tmp_path, tiny_backbone, toy_csv):
+    """Tune would wait for resources forever: refused once the embedded Ray reports what it has."""
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="toobig", resources={"cpus_per_worker": 4096})
+    out, uri = sweep(tmp_path, spec, timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    err = out.stderr.strip()
+    assert err.splitlines() == [err] and "resources.cpus_per_worker" in err and "4096 CPU" in err
+    assert MlflowClient(uri).get_experiment_by_name("toobig") is None  # nothing logged
+    assert not list((tmp_path / "runs").glob("toobig-*"))
+
+
+@pytest.mark.parametrize("resources, nodes, message", [
+    ({"workers_per_trial": 2}, [{"CPU": 2.0}], "= 2.01 CPU; the cluster has 2: set resources.cpus_per_worker <= 0.99"),
+    ({"workers_per_trial": 2, "cpus_per_worker": 0.5}, [{"CPU": 2.0}], None),
+    ({"workers_per_trial": 4}, [{"CPU": 2.0}, {"CPU": 3.0}], None),  # Train workers spread over nodes
+    ({"cpus_per_worker": 3}, [{"CPU": 2.0}, {"CPU": 2.0}], "one worker needs 3 CPU, 0 GPU"),  # not split
+    ({"gpus_per_worker": 0.25}, [{"CPU": 2.0}], "largest node has 2 CPU, 0 GPU"),
+    ({"gpus_per_worker": 0.25}, [{"CPU": 8.0, "GPU": 1.0}], None),
+    ({"workers_per_trial": 2, "gpus_per_worker": 1}, [{"CPU": 8.0, "GPU": 1.0}], "= 2 GPU; the cluster has 1"),
+])
+def test_resources_check_against_the_nodes(resources, nodes, message):
+    from sweeps.spec import Resources
+    from trainable.config import ConfigError
+
+    r = Resources(**resources)
+    if message is None:
+        r.check_fits(nodes)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            r.check_fits(nodes)
 
 
 def test_torch_trainer_launch_mode(tmp_path, tiny_backbone, toy_csv):
