@@ -1,17 +1,16 @@
 """1. Step cost: one optimizer step of the full method vs one plain-CE step, same head, same batch.
 
-The step is the body of ``trainable.loop.train_loop`` (represent -> classify -> delta -> f(x+delta)
--> unified_loss -> finite check -> backward -> clip -> AdamW), built from the same product
-functions; the baseline is that body with ``method=ce`` (w=0, alpha=1, lambda=0). Blocks of
+The step is ``trainable.loop.train_step``, the one train_loop runs (represent -> classify -> delta
+-> f(x+delta) -> unified_loss -> finite check -> backward -> clip -> AdamW), on one fixed batch;
+the baseline is the same step with ``method=ce`` (w=0, alpha=1, lambda=0). Blocks of
 steps of every configuration are interleaved round by round and the median block is kept, so
 a burst of load on the machine hits all configurations alike. One thread (a Tune trial gets
-OMP_NUM_THREADS=1 from Ray). A last row checks the micro step against the real train_loop:
+OMP_NUM_THREADS=1 from Ray). A last row checks train_step on a fixed batch against the whole train_loop:
 per-step time from the difference of two budgets, full default config vs method=ce.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -21,44 +20,15 @@ FLOOR = 3.3  # the issue's exact double-backprop floor, in plain-CE steps
 
 
 def make_step(cfg, student, batch, y, z_t):
-    """A closure running optimizer step ``i`` exactly as train_loop's loop body does."""
+    """A closure running optimizer step ``i`` of the product's ``train_step`` on one fixed batch."""
     import torch
-    import torch.nn.functional as F
 
-    from trainable.loop import DTYPES
-    from trainable.losses import unified_loss
-    from trainable.perturb import make_delta
+    from trainable.loop import train_step
 
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    terms, pcfg, space = cfg.terms(), cfg.perturb, cfg.perturb.space
-
-    def step(i: int) -> None:
-        student.train()
-        with torch.autocast(device_type="cpu", dtype=DTYPES[cfg.precision], enabled=cfg.precision != "fp32"):
-            x = student.represent(batch, space)
-            z_s = student.classify(x, batch, space)
-            z_p = None
-            if terms["alpha"] < 1.0:
-                attack_loss = lambda xp: F.cross_entropy(student.classify(xp, batch, space).float(), y)  # noqa: E731
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-                delta = make_delta(pcfg.kind, attack_loss, x.detach(), cfg.epsilon, pcfg.norm, pcfg.steps,
-                                   pcfg.step_scale, gen)
-                z_p = student.classify(x + delta, batch, space)
-            out = unified_loss(z_s, z_p, z_t, y, params, tau=cfg.tau, kd_direction=cfg.kd_direction, **terms)
-        for value in out.values():
-            if not torch.isfinite(value):
-                raise RuntimeError("diverged")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(out["loss"]).backward()
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm or math.inf)
-        scaler.step(opt)
-        scaler.update()
-        _ = {k: v.item() for k, v in out.items()} | {"grad_norm": grad_norm.item()}
-
-    return step
+    return lambda i: train_step(cfg, student, opt, scaler, batch, y, z_t, i)
 
 
 def time_interleaved(steps: dict[str, callable], per_block: int, rounds: int, warmup: int) -> dict[str, float]:
@@ -149,7 +119,7 @@ def run(smoke: bool, work: Path) -> list[Row]:
                     note=f"{'tiny random BERT' if smoke else 'all-MiniLM-L6-v2'}, max_len {cfg_e.data.max_len}; "
                          f"{te['full'] / te['ce'] / FLOOR:.2f}x the {FLOOR}x floor"))
 
-    # The micro step against the real loop: per-step seconds from two budgets of train_loop.
+    # train_step on a fixed batch against the whole loop: per-step seconds from two budgets of train_loop.
     lo, hi = (4, 24) if smoke else (20, 220)
     per = {"full": [], "ce": []}
     for _ in range(1 if smoke else 3):
@@ -166,7 +136,7 @@ def run(smoke: bool, work: Path) -> list[Row]:
     rows.append(row(1, f"1{next(letters)}", "train_loop per step: default full method (MLP, PGD-3, +L_Reg) / method=ce",
                     full_loop * 1e3, "ms", ce_loop * 1e3, "train_loop per step, method=ce", target=f"floor ~{FLOOR}x",
                     note=f"per-step time from the difference of budgets {lo} and {hi}; train_loop's full step is "
-                         f"{full_loop / micro:.2f}x the micro step of row {keys['mlp|pgd|reg']} ({micro * 1e3:.2f} ms): "
+                         f"{full_loop / micro:.2f}x train_step on a fixed batch, row {keys['mlp|pgd|reg']} ({micro * 1e3:.2f} ms): "
                          "batch sampling and indexing per step are the difference"))
     return rows
 

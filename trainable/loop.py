@@ -100,6 +100,44 @@ def checkpoint_step(path: str | Path) -> int:
     return int(torch.load(Path(path) / "state.pt", weights_only=True)["step"])
 
 
+def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               batch: dict[str, torch.Tensor], y: torch.Tensor, z_t: torch.Tensor, step: int,
+               world: int = 1) -> dict[str, float]:
+    """Optimizer step ``step`` on one batch: L_total = w * L_KD + L_NR + lambda * ||grad_theta L_NR||^2,
+    then clipping and AdamW. delta depends on (seed, step) alone. Returns every loss term and the
+    gradient norm; raises ``Diverged`` on a non-finite term."""
+    terms, pcfg = config.terms(), config.perturb
+    space = pcfg.space
+    params = [p for p in student.parameters() if p.requires_grad]
+    student.train()
+    with torch.autocast(device_type=y.device.type, dtype=DTYPES[config.precision], enabled=config.precision != "fp32"):
+        x = student.represent(batch, space)
+        z_s = student.classify(x, batch, space)
+        z_s_perturbed = None
+        if terms["alpha"] < 1.0:  # the perturbed CE term is live: build delta, then f(x + delta)
+            attack_loss = lambda xp: F.cross_entropy(student.classify(xp, batch, space).float(), y)  # noqa: E731
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            delta = make_delta(pcfg.kind, attack_loss, x.detach(), config.epsilon, pcfg.norm, pcfg.steps,
+                               pcfg.step_scale, gen)
+            z_s_perturbed = student.classify(x + delta, batch, space)
+        out = unified_loss(z_s, z_s_perturbed, z_t, y, params, tau=config.tau, kd_direction=config.kd_direction, **terms)
+    for term, value in out.items():
+        if not torch.isfinite(value):
+            raise Diverged(step + 1, term, value.item())
+
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(out["loss"]).backward()
+    if world > 1:  # explicit gradient averaging: DDP hooks do not cover double backprop cleanly
+        for p in params:  # SUM then divide: gloo (CPU) has no AVG
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm or math.inf)
+    scaler.step(opt)
+    scaler.update()
+    return {k: v.item() for k, v in out.items()} | {"grad_norm": grad_norm.item()}
+
+
 def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | None = None,
                checkpoint_root: str | Path | None = None, artifacts: Artifacts | None = None) -> dict[str, float]:
     """Train one student; returns the final metrics.
@@ -138,41 +176,11 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
 
-    terms = config.terms()
-    space, pcfg = config.perturb.space, config.perturb
     losses: dict[str, float] = {}
     for step in range(start, config.budget_steps):
-        student.train()
         idx = batch_indices(len(y_train), config.batch_size, config.seed, step)[rank::world]
         batch, y, z_t = {k: v[idx] for k, v in train.items()}, y_train[idx], z_t_train[idx]
-
-        with torch.autocast(device_type=device, dtype=DTYPES[config.precision], enabled=config.precision != "fp32"):
-            x = student.represent(batch, space)
-            z_s = student.classify(x, batch, space)
-            z_s_perturbed = None
-            if terms["alpha"] < 1.0:  # the perturbed CE term is live: build delta, then f(x + delta)
-                attack_loss = lambda xp: F.cross_entropy(student.classify(xp, batch, space).float(), y)  # noqa: E731
-                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-                delta = make_delta(pcfg.kind, attack_loss, x.detach(), config.epsilon, pcfg.norm, pcfg.steps,
-                                   pcfg.step_scale, gen)
-                z_s_perturbed = student.classify(x + delta, batch, space)
-            out = unified_loss(z_s, z_s_perturbed, z_t, y, params, tau=config.tau, kd_direction=config.kd_direction, **terms)
-        for term, value in out.items():
-            if not torch.isfinite(value):
-                raise Diverged(step + 1, term, value.item())
-
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(out["loss"]).backward()
-        if world > 1:  # explicit gradient averaging: DDP hooks do not cover double backprop cleanly
-            for p in params:  # SUM then divide: gloo (CPU) has no AVG
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm or math.inf)
-        scaler.step(opt)
-        scaler.update()
-
-        losses = {k: v.item() for k, v in out.items()} | {"grad_norm": grad_norm.item()}
+        losses = train_step(config, student, opt, scaler, batch, y, z_t, step, world)
         done = step + 1
         if done % config.log_every == 0 and done < config.budget_steps:
             report({"step": done, **losses})
