@@ -3,8 +3,8 @@ Optuna loop. (Memory of the same runs feeds section 6.)
 
 - Sweep: ``sweeps.tune.run_sweep`` on the built-in ``pareto`` spec (TPE, 6 knobs, concurrency 2):
   local Ray, in-process launch mode (reused Tune actors), MLflow on sqlite in a temp dir, the
-  Optuna study in sqlite beside it, Tune storage in a temp dir. Wall = the whole ``run_sweep``
-  call (shared-artifact check, MLflow parent, ``ray.init``, trials, ``ray.shutdown``, finalize).
+  Optuna study in a journal file beside it, Tune storage in a temp dir. Wall = the whole ``run_sweep``
+  call (``ray.init`` beside the shared-artifact check, MLflow parent, trials, ``ray.shutdown`` beside finalize).
 - Bare loop: one process, ``optuna.create_study`` in memory with the sweep's own sampler
   (``make_sampler``), ``study.optimize(n_jobs=concurrency)``, each trial calling
   ``trainable.loop.train_loop`` with a no-op report. The sweep's trials are replayed into it
@@ -62,7 +62,7 @@ def child_sweep(spec_path: Path, out: Path, work: Path) -> None:
 
     from sweeps import tracking
     from sweeps.spec import load_spec
-    from sweeps.tune import optuna_storage_url, run_sweep
+    from sweeps.tune import optuna_storage_url, run_sweep, study_storage
     from trainable.loop import train_loop  # noqa: F401
 
     spec = load_spec(spec_path)
@@ -80,7 +80,7 @@ def child_sweep(spec_path: Path, out: Path, work: Path) -> None:
     ends = [r.info.end_time / 1e3 for r in runs if r.info.end_time]
     durations = [(r.info.end_time - r.info.start_time) / 1e3 for r in runs if r.info.end_time]
     study = optuna.load_study(study_name=Path(result.path).name,
-                              storage=optuna_storage_url(uri, str(storage.resolve())))
+                              storage=study_storage(optuna_storage_url(uri, str(storage.resolve()))))
     trials = [{"params": t.params, "values": t.values} for t in study.trials
               if t.state == optuna.trial.TrialState.COMPLETE]
     out.write_text(json.dumps({
