@@ -224,7 +224,8 @@ def run(smoke: bool, work: Path) -> list[Row]:
     rows.append(row(5, "5d", f"searcher alone, suggest + complete per trial at ~{m} trials ({conc} pending): journal "
                     "storage (as run_sweep) / in memory", at(jrn, m), "ms", at(mem, m), "the same searcher in memory",
                     note=f"at ~{n} trials: journal {at(jrn, n):.1f} ms, in memory {at(mem, n):.1f} ms; SafeOptunaSearch "
-                         "driven directly (no Tune); the journal appends (and fsyncs) every study write"))
+                         "driven directly (no Tune); the journal appends each study write to its file, without "
+                         "fsync (sweeps/journal.py)"))
     rows.append(row(5, "5e", f"searcher alone at ~{m} trials: sqlite RDB storage (run_sweep before the journal) / in "
                     "memory", at(rdb, m), "ms", at(mem, m), "the same searcher in memory",
                     note="every suggest reads the whole study back from sqlite"))

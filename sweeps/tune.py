@@ -162,9 +162,9 @@ def study_storage(location: str):
     if "://" in location:
         return optuna.storages.RDBStorage(location, engine_kwargs={"connect_args": {"timeout": 30}}
                                           if location.startswith("sqlite") else {})
-    from optuna.storages.journal import JournalFileBackend
+    from sweeps.journal import UnsyncedJournalFileBackend
 
-    return optuna.storages.JournalStorage(JournalFileBackend(location))
+    return optuna.storages.JournalStorage(UnsyncedJournalFileBackend(location))
 
 
 # -- the trial --------------------------------------------------------------------------------
@@ -479,10 +479,6 @@ def finalize(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, swee
     from optuna.trial import TrialState
 
     client = tracking._client(uri)
-    for run in tracking.child_runs(uri, experiment_id, parent_id):
-        ckpt = checkpoints.get(run.data.tags.get(tracking.TRIAL_TAG))
-        if ckpt:
-            client.set_tag(run.info.run_id, "checkpoint_uri", ckpt)
     killed = tracking.close_orphans(uri, experiment_id, parent_id)
     # Optuna trials still RUNNING now belong to no live Tune trial.
     try:
@@ -499,8 +495,13 @@ def finalize(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, swee
     ref = spec.reference or pareto.default_reference(spec.modes)
     hv = pareto.hypervolume(_arr([[row[m] for m in spec.metrics] for row in rows], len(spec.metrics)), spec.modes, ref)
     front_ids = {row["run_id"] for row in front}
-    for row in rows:
-        client.set_tag(row["run_id"], "pareto", str(row["run_id"] in front_ids).lower())
+    finished = {row["run_id"] for row in rows}
+    for run in runs:  # one write per run: each sqlite write costs 12-80 ms
+        tags = {"pareto": str(run.info.run_id in front_ids).lower()} if run.info.run_id in finished else {}
+        if ckpt := checkpoints.get(run.data.tags.get(tracking.TRIAL_TAG)):
+            tags["checkpoint_uri"] = ckpt
+        if tags:
+            tracking._batch(client, run.info.run_id, tags=tags)
     # The MLflow UI as the sweep's dashboard: saved Pareto view, coloured front, parent description.
     # Never raises: a refused view is a warning, not a failed sweep.
     mlflow_view.publish_sweep_view(client, experiment_id, parent_id, spec, rows, front_ids, hv, failed, killed=killed)
