@@ -137,21 +137,21 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     return nest({k: domain(d) for k, d in spec.space.items()})
 
 
+JOURNAL = "optuna-journal.log"
+
+
 def optuna_storage_url(tracking_uri: str, storage_root: str) -> str:
     """Where the study's journal lives: beside the MLflow sqlite db, else in the local run storage,
     else (object storage) in the driver's working directory. ``optuna-dashboard <path>`` opens it live.
 
     A journal (append-only file, replayed in memory) and not sqlite: on sqlite every suggest reads
-    the whole study back, 48x the in-memory cost at 100 trials; the journal costs ~2-3x (DESIGN §7,
-    measured in benchmarks/scale.py)."""
+    the whole study back, ~40x the in-memory searcher's cost at 100 trials; the journal's is ~2x
+    (DESIGN §7; benchmarks/scale.py rows 5d and 5e)."""
     if tracking_uri.startswith("sqlite:///"):
         return str(Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / JOURNAL)
     if "://" not in storage_root:
         return str(Path(storage_root) / JOURNAL)
     return str(Path(JOURNAL).resolve())
-
-
-JOURNAL = "optuna-journal.log"
 
 
 def study_storage(location: str):
@@ -364,7 +364,6 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
             _check_fits(spec, local)
             hashes = prepared.result()
         except BaseException:
-            prepared.cancel()
             ray.shutdown()
             raise
     try:
