@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainable.config import hub_offline
+
 CACHE_STATS = {"feature_hits": 0, "feature_misses": 0}
 """Counts cache lookups in this process, so tests and benchmarks can see reuse."""
 
@@ -45,7 +47,7 @@ def load_tokenizer(name: str):
     """The backbone's tokenizer alone: tokenizing splits needs no weights."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(backbone_path(name), local_files_only=os.environ.get("HF_HUB_OFFLINE", "1") != "0")
+    return AutoTokenizer.from_pretrained(backbone_path(name), local_files_only=hub_offline())
 
 
 def load_backbone(name: str) -> tuple[object, nn.Module]:
@@ -54,8 +56,7 @@ def load_backbone(name: str) -> tuple[object, nn.Module]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load is noise in a sweep of hundreds of trials
-    offline = os.environ.get("HF_HUB_OFFLINE", "1") != "0"
-    return load_tokenizer(name), AutoModel.from_pretrained(backbone_path(name), local_files_only=offline)
+    return load_tokenizer(name), AutoModel.from_pretrained(backbone_path(name), local_files_only=hub_offline())
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -30,6 +30,11 @@ class ConfigError(ValueError):
 
 
 def hub_offline() -> bool:
+    """Whether the model hub is off limits: the one parse of HF_HUB_OFFLINE in this package.
+
+    Unset means offline (see above); only 0/false/no/empty opt in. huggingface_hub itself reads
+    1/on/yes/true as offline and anything else as online, so wherever the two disagree ("off",
+    "2") this one is the stricter: whenever it says online, the hub client agrees."""
     return os.environ.get("HF_HUB_OFFLINE", "1").lower() not in ("0", "false", "no", "")
 
 
