@@ -136,3 +136,39 @@ def test_checkpoints_without_a_root_are_removed_when_the_loop_ends(tiny_override
     train_loop(_cfg(tiny_overrides, budget_steps=8, checkpoint_every=4), report)
     assert [c.name for c in seen] == ["step_000004", "step_000008"]
     assert not seen[0].parent.exists()
+
+
+# -- the frozen backbone stays frozen; checkpoints resume exactly and strictly ------------------------
+
+
+def _student_and_batch(cfg):
+    from trainable import backbone as bb
+
+    art = prepare_artifacts(cfg)
+    encoder = bb.Encoder(bb.load_backbone(cfg.backbone)[1], cfg.pooling)
+    student = bb.build_student(cfg.head, cfg.head_hidden, art.inputs["train"]["features"].shape[1],
+                               art.splits.num_classes, encoder, cfg.lora_rank)
+    idx = torch.arange(cfg.batch_size)
+    batch = {k: v[idx] for k, v in art.inputs["train"].items()}
+    return student, batch, art.labels["train"][idx], art.teacher["train"][idx]
+
+
+@pytest.mark.parametrize("over", [{"perturb": {"space": "embeddings", "steps": 2}}, {"head": "lora", "lora_rank": 2}])
+def test_train_step_keeps_the_backbone_in_eval_mode(tiny_overrides, over):
+    """Dropout in the frozen backbone would make PGD climb a loss resampled at every forward."""
+    from trainable.loop import train_step
+
+    cfg = _cfg(tiny_overrides, **over)
+    student, batch, y, z_t = _student_and_batch(cfg)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    train_step(cfg, student, opt, torch.amp.GradScaler("cuda", enabled=False), batch, y, z_t, step=0)
+    assert student.training and student.head.training
+    assert student.encoder.training is False
+    assert [n for n, m in student.encoder.named_modules() if m.training] == []
+    # and so the backbone is a deterministic function while the head trains
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        first = student.encoder.pool_embeddings(student.encoder.embed(ids), mask)
+        again = student.encoder.pool_embeddings(student.encoder.embed(ids), mask)
+    assert torch.equal(first, again)

@@ -171,6 +171,17 @@ class Student(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.classify(self.represent(batch, "features"), batch, "features")
 
+    def train(self, mode: bool = True) -> Student:
+        """Train mode for h_theta only: the backbone stays in eval mode, always.
+
+        The backbone is frozen, so its dropout would only add noise: PGD would climb a loss
+        resampled at every step, and f(x + delta) would not be the function evaluated later.
+        (LoRA adapters train inside the encoder, with lora_dropout=0, so eval mode costs them nothing.)"""
+        super().train(mode)
+        if self.encoder is not None:
+            self.encoder.eval()
+        return self
+
     @property
     def trains_encoder(self) -> bool:
         return self.encoder is not None and any(p.requires_grad for p in self.encoder.parameters())

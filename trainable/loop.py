@@ -18,6 +18,7 @@ It knows nothing of Ray Tune or MLflow: progress and checkpoints go through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -100,6 +101,20 @@ def checkpoint_step(path: str | Path) -> int:
     return int(torch.load(Path(path) / "state.pt", weights_only=True)["step"])
 
 
+def double_backprop_attention(needed: bool) -> contextlib.AbstractContextManager:
+    """The math attention kernel when the gradient penalty differentiates twice through the backbone.
+
+    With LoRA, theta lives inside the encoder, so ||grad_theta L_NR||^2 needs a second derivative of
+    attention. The fused kernel an eval-mode encoder picks has none (on CPU: "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); the backbone's
+    dropout used to steer SDPA to the math kernel, which is made of ordinary ops."""
+    if not needed:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                batch: dict[str, torch.Tensor], y: torch.Tensor, z_t: torch.Tensor, step: int,
                world: int = 1) -> dict[str, float]:
@@ -109,8 +124,10 @@ def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimi
     terms, pcfg = config.terms(), config.perturb
     space = pcfg.space
     params = [p for p in student.parameters() if p.requires_grad]
-    student.train()
-    with torch.autocast(device_type=y.device.type, dtype=DTYPES[config.precision], enabled=config.precision != "fp32"):
+    student.train()  # h_theta only: the frozen backbone stays in eval mode (Student.train)
+    autocast = torch.autocast(device_type=y.device.type, dtype=DTYPES[config.precision],
+                              enabled=config.precision != "fp32")
+    with double_backprop_attention(student.trains_encoder and terms["lambda_reg"] > 0), autocast:
         x = student.represent(batch, space)
         z_s = student.classify(x, batch, space)
         z_s_perturbed = None
