@@ -172,3 +172,55 @@ def test_train_step_keeps_the_backbone_in_eval_mode(tiny_overrides, over):
         first = student.encoder.pool_embeddings(student.encoder.embed(ids), mask)
         again = student.encoder.pool_embeddings(student.encoder.embed(ids), mask)
     assert torch.equal(first, again)
+
+
+def test_resume_in_embedding_space_reproduces_the_uninterrupted_run_exactly(tiny_overrides, tmp_path):
+    cfg = _cfg(tiny_overrides, budget_steps=8, checkpoint_every=4, perturb={"space": "embeddings", "steps": 2})
+    full = Recorder()
+    final_full = train_loop(cfg, full, checkpoint_root=tmp_path / "a")
+    mid = next(c for c in full.checkpoints if c.name == "step_000004")
+    resumed = Recorder()
+    final_resumed = train_loop(cfg, resumed, resume_from=mid, checkpoint_root=tmp_path / "b")
+    assert [m["step"] for m in resumed.metrics] == [8]  # only the steps after the checkpoint ran
+    assert final_resumed == final_full
+    a, b = _state(full.checkpoints[-1]), _state(resumed.checkpoints[-1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(_state(mid)[k], a[k]) for k in a)  # the last 4 steps did change theta
+    saved = torch.load(mid / "state.pt", weights_only=True)
+    assert {"rng", "scaler", "optimizer", "student", "step"} <= saved.keys()
+
+
+def test_rng_state_round_trips():
+    from trainable.loop import rng_state, set_rng_state
+
+    state = rng_state()
+    drawn = torch.rand(4)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(4), drawn)
+
+
+def test_a_checkpoint_with_a_missing_or_extra_key_is_refused(tiny_overrides, tmp_path):
+    from trainable.backbone import CheckpointMismatch, build_student
+
+    student = build_student("mlp", 8, 4, 2, None, 2)
+    state = student.trainable_state()
+    first = next(iter(state))
+    with pytest.raises(CheckpointMismatch, match=f"missing trainable keys: {first}; unexpected keys: none"):
+        student.load_trainable_state({k: v for k, v in state.items() if k != first})
+    with pytest.raises(CheckpointMismatch, match="missing trainable keys: none; unexpected keys: head.9.weight"):
+        student.load_trainable_state(state | {"head.9.weight": torch.zeros(1)})
+    other = build_student("mlp", 8, 4, 2, None, 2)
+    other.load_trainable_state(state)
+    assert all(torch.equal(other.trainable_state()[k], v) for k, v in state.items())
+
+    # and through a resume: a tampered checkpoint is refused, not half-loaded
+    cfg = _cfg(tiny_overrides, budget_steps=4)
+    rec = Recorder()
+    train_loop(cfg, rec, checkpoint_root=tmp_path / "run")
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    saved = torch.load(rec.checkpoints[-1] / "state.pt", weights_only=True)
+    saved["student"]["encoder.model.pooler.dense.weight"] = torch.zeros(1)  # a frozen weight that is never saved
+    torch.save(saved, tampered / "state.pt")
+    with pytest.raises(CheckpointMismatch, match="unexpected keys: encoder.model.pooler.dense.weight"):
+        train_loop(_cfg(tiny_overrides, budget_steps=8), Recorder(), resume_from=tampered)

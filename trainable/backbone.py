@@ -191,6 +191,31 @@ class Student(nn.Module):
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load theta from ``trainable_state()``'s output, refusing any key missing or extra.
+
+        The frozen backbone weights are deliberately absent from checkpoints, so a plain strict
+        load cannot be used; this is strict on exactly the trainable part. A mismatch means the
+        checkpoint belongs to another head, rank or backbone: loading it would train from a
+        silently half-initialised student."""
+        expected = set(self.trainable_state())
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or extra:
+            raise CheckpointMismatch(missing, extra)
+        self.load_state_dict(state, strict=False)  # strict=False only for the absent frozen weights
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose trainable keys are not exactly the student's."""
+
+    def __init__(self, missing: list[str], extra: list[str]):
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "") if keys else "none"
+
+        super().__init__(f"checkpoint does not fit this student: missing trainable keys: {show(missing)}; "
+                         f"unexpected keys: {show(extra)}")
+        self.missing, self.extra = missing, extra
+
 
 def build_student(kind: str, hidden: int, in_dim: int, num_classes: int, encoder: Encoder | None, lora_rank: int) -> Student:
     if encoder is not None:

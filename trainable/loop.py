@@ -5,9 +5,11 @@ Features:
   L_total = w * L_KD + L_NR + lambda * ||grad_theta L_NR||^2 (trainable/losses.py);
 - delta by gaussian / FGSM / PGD, L2 or Linf, in pooled-feature or input-embedding space;
 - gradient clipping, AdamW, fp32 / bf16 autocast (fp16 + grad scaler on CUDA only);
-- a compute budget in optimizer steps; checkpoints of theta + optimizer state, and resume
-  from one (loaded weights-only); data order depends on the step alone, so a resumed run
-  reproduces the uninterrupted one exactly;
+- a compute budget in optimizer steps; checkpoints of theta, optimizer, grad-scaler and RNG
+  state, and resume from one (loaded weights-only, strict on theta); data order and delta depend
+  on the step alone, so a resumed run reproduces the uninterrupted one exactly;
+- the frozen backbone stays in eval mode (no dropout) even while h_theta trains;
+- inputs that cannot work (``validate_inputs``) refused with a ConfigError before any feature;
 - data parallel across processes when torch.distributed is initialised (Ray Train
   TorchTrainer): each rank takes a slice of the batch and gradients are averaged;
 - a non-finite loss term raises ``Diverged`` naming the step and the term.
@@ -89,10 +91,32 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return perm[k * batch_size : (k + 1) * batch_size]
 
 
-def save_checkpoint(student: bb.Student, opt: torch.optim.Optimizer, step: int, root: Path) -> Path:
+def rng_state() -> dict[str, object]:
+    """The global torch RNG streams (CPU, and every CUDA device when present)."""
+    state: dict[str, object] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, object]) -> None:
+    """Restore ``rng_state()``; the states go back to the CPU first, as torch requires."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def save_checkpoint(student: bb.Student, opt: torch.optim.Optimizer, step: int, root: Path,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
+    """theta (never the frozen backbone), optimizer, grad scaler and RNG state after ``step`` steps.
+
+    The loop draws its batches and deltas from generators seeded by the step, so the RNG state is
+    not needed today; saving it keeps resume exact should anything draw from the global stream."""
     path = root / f"step_{step:06d}"
     path.mkdir(parents=True, exist_ok=True)
-    bb.atomic_save({"student": student.trainable_state(), "optimizer": opt.state_dict(), "step": step}, path / "state.pt")
+    state = {"student": student.trainable_state(), "optimizer": opt.state_dict(), "step": step,
+             "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state()}
+    bb.atomic_save(state, path / "state.pt")
     return path
 
 
@@ -189,8 +213,12 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
     start = 0
     if resume_from is not None:
         state = torch.load(Path(resume_from) / "state.pt", weights_only=True, map_location=device)
-        student.load_state_dict(state["student"], strict=False)
+        student.load_trainable_state(state["student"])
         opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # empty when saved by a disabled (non-fp16) scaler
+            scaler.load_state_dict(state["scaler"])
+        if "rng" in state:  # absent from checkpoints written before it was saved
+            set_rng_state(state["rng"])
         start = int(state["step"])
 
     losses: dict[str, float] = {}
@@ -202,13 +230,13 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
         if done % config.log_every == 0 and done < config.budget_steps:
             report({"step": done, **losses})
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.budget_steps:
-            report({"step": done, **losses}, checkpoint=save_checkpoint(student, opt, done, ckpt_root))
+            report({"step": done, **losses}, checkpoint=save_checkpoint(student, opt, done, ckpt_root, scaler))
 
     hard = torch.tensor(art.splits.hard["test"], device=device) if art.splits.hard.get("test") else None
     final, items = evaluate(student, to_dev(art.inputs["test"]), to_dev(art.inputs["test_noisy"]),
                             art.labels["test"].to(device), art.teacher["test"].to(device), config.eval_attack,
                             art.splits.label_names, hard)
-    final_ckpt = save_checkpoint(student, opt, config.budget_steps, ckpt_root)
+    final_ckpt = save_checkpoint(student, opt, config.budget_steps, ckpt_root, scaler)
     # Per-item outcomes beside the weights: figures bootstrap over test items from them.
     (final_ckpt / EVAL_ITEMS).write_text(json.dumps({"label_names": art.splits.label_names, **items}))
     report({"step": config.budget_steps, **losses, **final}, checkpoint=final_ckpt)
