@@ -155,22 +155,25 @@ def test_noisy_test_copy_fixed_across_split_seeds(cache: Path, safety: data.Text
 def test_local_csv_string_labels_and_teacher(tmp_path: Path) -> None:
     rng = random.Random(0)
     rows = [{"sentence": f"item number {i} says {rng.choice(['yes', 'no'])}", "y": ["pos", "neg"][i % 2],
-             "domain": ["a", "b"][i % 3 == 0], "logits": str([0.1 * i, -0.1 * i])} for i in range(50)]
+             "domain": ["a", "b"][i % 3 == 0], "logits": str([0.1 * i, -0.1 * i])} for i in range(60)]
     path = tmp_path / "mine.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     cfg = DataConfig(name=str(path), text_column="sentence", label_column="y", source_column="domain")
     s = data.load_splits(cfg, tmp_path, teacher_column="logits")
     assert s.label_names == ["neg", "pos"] and s.num_classes == 2
-    assert [len(s.texts[k]) for k in data.SPLITS] == [30, 10, 10]
+    assert [len(s.texts[k]) for k in data.SPLITS] == [36, 12, 12]
     assert s.teacher_column is not None and all(len(v) == 2 for v in s.teacher_column["train"])
     assert set(s.sources["train"]) == {"a", "b"} and len(s.card["file_sha256"]) == 64
-    shifted = data.load_splits(cfg.model_copy(update={"shift": "b"}), tmp_path)
+    shifted = data.load_splits(cfg.model_copy(update={"shift": "b"}), tmp_path)  # 20 held out, 30/10 of the rest
     assert set(shifted.sources["test"]) == {"b"} and shifted.teacher_column is None
+    assert [len(shifted.texts[k]) for k in data.SPLITS] == [30, 10, 20]
 
 
 def test_local_missing_column(tmp_path: Path) -> None:
     path = tmp_path / "mine.jsonl"
-    pd.DataFrame({"text": ["a b c", "d e f"], "target": [0, 1]}).to_json(path, orient="records", lines=True)
+    # 60 rows: enough for splits of at least MIN_EVAL_ITEMS, so only the column can be wrong
+    rows = {"text": [f"item {i} a b c" for i in range(60)], "target": [i % 2 for i in range(60)]}
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
     with pytest.raises(ConfigError, match="column 'label' is not in .*columns present: text, target"):
         data.load_splits(DataConfig(name=str(path)), tmp_path)
     s = data.load_splits(DataConfig(name=str(path), label_column="target"), tmp_path)

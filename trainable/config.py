@@ -7,6 +7,7 @@ and what it accepts, before any model, data or cluster work starts.
 
 from __future__ import annotations
 
+import io
 import os
 import typing
 from pathlib import Path
@@ -61,6 +62,18 @@ class DataConfig(StrictModel):
     text_noise: float = Field(0.1, ge=0.0, le=1.0)
     """Per-character noise rate of the fixed noisy copy of the test texts (DESIGN §4)."""
     max_len: int = Field(64, ge=8, le=512)
+    encoding: str = "utf-8"
+    """Text encoding of a local csv/json/jsonl file (parquet is UTF-8 by definition): any Python codec name."""
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding_known(cls, encoding: str) -> str:
+        try:
+            io.TextIOWrapper(io.BytesIO(), encoding=encoding)  # what open() checks: a text codec (not base64)
+        except LookupError:
+            raise ValueError(f"'{encoding}' is not a text encoding Python knows; allowed: a codec name such as "
+                             "utf-8, latin-1, cp1252, utf-16") from None
+        return encoding
 
     @field_validator("name")
     @classmethod

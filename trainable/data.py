@@ -12,6 +12,7 @@ reuses it. Splits, label noise and the noisy test copy are pure functions of the
 from __future__ import annotations
 
 import bz2
+import functools
 import hashlib
 import io
 import json
@@ -32,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from trainable.config import BUILTIN_DATASETS, ConfigError, DataConfig
+from trainable.config import BUILTIN_DATASETS, ConfigError, DataConfig, TeacherConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ NOISE_SEED = 1234
 LENGTH_EDGES = (6, 9, 13, 19)
 """Word-count buckets of the surface key: <=6, 7-9, 10-13, 14-19, 20+."""
 SPLITS = ("train", "val", "test")
+MIN_EVAL_ITEMS = 10
+"""Fewest items a val or test split may hold: a floor, not a recommendation. At 10 items one item is
+10 points and a 95% interval is ~60 points wide, yet a perfect head can still be told from chance
+(p = 0.5**10 ~ 0.001 on two balanced classes); the 1-item test split of a 6-row file scores 100 or 0
+and means nothing (DESIGN §4: even 255 test items carry about +-5 points). Every class must also be
+in train (or it cannot be learned), in val (what the searcher selects on) and, without a shift, in
+test; so an unshifted 60/20/20 split needs about 50 usable rows."""
 COUNTERS: Counter[str] = Counter()
 """pip downloads and recipe builds in this process: lets tests check the cache is reused."""
 
@@ -348,20 +356,42 @@ def prepare(name: str, cache_dir: Path) -> Path:
 
 # -- user data (local files, hub) ----------------------------------------------------------------
 
+FILE_FORMATS = {".csv": "CSV", ".json": "JSON", ".jsonl": "JSON lines", ".parquet": "Parquet"}
 
-def _read_table(name: str) -> pd.DataFrame:
-    path = Path(name).expanduser()
+
+def _parse_table(path: Path, encoding: str) -> pd.DataFrame:
+    """pandas' reader for the file's suffix; parquet stores UTF-8 by definition, so it takes no encoding."""
     if path.suffix == ".csv":
-        return pd.read_csv(path)
+        return pd.read_csv(path, encoding=encoding)
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     if path.suffix == ".jsonl":
-        return pd.read_json(path, lines=True)
-    if path.suffix == ".json":
+        return pd.read_json(path, lines=True, encoding=encoding)
+    try:
+        return pd.read_json(path, encoding=encoding)
+    except UnicodeError:
+        raise
+    except ValueError:  # a .json file may hold JSON lines
+        return pd.read_json(path, lines=True, encoding=encoding)
+
+
+def _read_table(name: str, encoding: str = "utf-8") -> pd.DataFrame:
+    """The user's table: a local csv/json/jsonl/parquet file, or a hub dataset (all its splits).
+
+    A file that cannot be decoded or parsed is a ConfigError naming the file, not a pandas traceback."""
+    path = Path(name).expanduser()
+    if path.suffix in FILE_FORMATS:
         try:
-            return pd.read_json(path)
-        except ValueError:
-            return pd.read_json(path, lines=True)
+            return _parse_table(path, encoding)
+        except UnicodeError as err:  # before ValueError: UnicodeDecodeError is one
+            where = ""
+            if isinstance(err, UnicodeDecodeError):
+                where = f" (byte {err.object[err.start]:#04x} at offset {err.start})"
+            raise ConfigError(f"data.name: '{name}' is not {encoding} text{where}; if it is text in another encoding, "
+                              "set data.encoding to it, e.g. --set data.encoding=latin-1 (or cp1252, utf-16)") from None
+        except (ValueError, OSError) as err:  # pandas ParserError/EmptyDataError, pyarrow ArrowInvalid, ...
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"data.name: cannot read '{name}' as {FILE_FORMATS[path.suffix]}: {reason}") from None
     try:
         import datasets
     except ImportError:
@@ -375,30 +405,114 @@ def _as_vector(value: Any) -> list[float]:
     return [float(v) for v in (json.loads(value) if isinstance(value, str) else value)]
 
 
+def _clean_text(value: Any) -> str:
+    """The text of one cell with whitespace runs collapsed; a missing cell is the empty text."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return ""
+    return " ".join(str(value).split())
+
+
+def _is_missing(value: Any) -> bool:
+    """A label cell that names no class: null/NaN, or a string of whitespace only."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _original_labels(values: list[Any]) -> list[Any]:
+    """The labels as comparable JSON scalars: numbers stay numbers (3.0 -> 3, so 3 < 10 sorts
+    numerically), booleans stay booleans, anything else becomes its stripped string."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [int(v) if float(v).is_integer() else float(v) for v in values]
+    if all(isinstance(v, bool) for v in values):
+        return list(values)
+    return [str(v).strip() for v in values]
+
+
+def class_ids(values: list[Any]) -> tuple[list[int], list[str], dict[str, Any]]:
+    """Contiguous class ids 0..K-1 for any labels (strings, gapped or negative integers, booleans).
+
+    Ids follow the sorted order of the original labels. Returns (ids, label_names, mapping), where
+    ``mapping`` takes a class id (as a string: the card is JSON) to the original label."""
+    originals = _original_labels(values)
+    classes = sorted(set(originals))
+    index = {v: i for i, v in enumerate(classes)}
+    return [index[v] for v in originals], [str(v) for v in classes], {str(i): v for i, v in enumerate(classes)}
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """One warning line per distinct message and process: validation and preparation both read the data."""
+    log.warning(message)
+
+
+def _dropped_rows(texts: list[str], labels: list[Any]) -> tuple[list[bool], dict[str, int]]:
+    """Which rows are usable, and why the others are not: each unusable row is counted once,
+    under its first problem (an empty text before a missing label)."""
+    empty = [not t for t in texts]
+    missing = [not e and _is_missing(y) for e, y in zip(empty, labels)]
+    keep = [not (e or m) for e, m in zip(empty, missing)]
+    return keep, {"empty_text": sum(empty), "missing_label": sum(missing)}
+
+
+def _describe_drops(dropped: dict[str, int]) -> str:
+    return f"{dropped['empty_text']} with an empty text, {dropped['missing_label']} with a missing label"
+
+
+def _teacher_vectors(values: list[Any], rows: list[int], column: str, name: str, num_classes: int,
+                     label_names: list[str]) -> list[list[float]]:
+    """The teacher column as one vector per item, each with one value per class (in class-id order)."""
+    vectors = []
+    for row, value in zip(rows, values):
+        try:
+            vectors.append(_as_vector(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"teacher.column: row {row + 1} of '{name}' holds {str(value)[:40]!r}, not a list of "
+                              "numbers; allowed: a JSON list of logits or probabilities per row") from None
+    widths = sorted({len(v) for v in vectors})
+    if widths != [num_classes]:
+        order = ", ".join(f"{i}={n!r}" for i, n in enumerate(label_names))
+        raise ConfigError(f"teacher.column: '{column}' in '{name}' has rows of {'/'.join(map(str, widths))} values but "
+                          f"the data has {num_classes} classes; allowed: one value per class, in class-id order ({order})")
+    return vectors
+
+
 def _user_items(cfg: DataConfig, teacher_column: str | None) -> tuple[list[Item], list[str], dict]:
-    """Items from a local file or hub id, with the user's column mapping; labels as class ids."""
-    df = _read_table(cfg.name)
-    for field, col in (("text_column", cfg.text_column), ("label_column", cfg.label_column),
-                       ("source_column", cfg.source_column), ("teacher.column", teacher_column)):
+    """Items from a local file or hub id, with the user's column mapping; labels as class ids 0..K-1.
+
+    Rows with an empty text or a missing label are dropped and counted in the card; fewer than two
+    classes left is a ConfigError (nothing can be learned or measured)."""
+    df = _read_table(cfg.name, cfg.encoding)
+    for field, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column),
+                       ("data.source_column", cfg.source_column), ("teacher.column", teacher_column)):
         if col is not None and col not in df.columns:
-            raise ConfigError(f"data.{field}: column '{col}' is not in '{cfg.name}'; columns present: "
+            raise ConfigError(f"{field}: column '{col}' is not in '{cfg.name}'; columns present: "
                               f"{', '.join(map(str, df.columns))}")
-    df = df.dropna(subset=[cfg.text_column, cfg.label_column])
-    raw = df[cfg.label_column]
-    if pd.api.types.is_numeric_dtype(raw) and (raw == raw.round()).all() and (raw >= 0).all():
-        ids = raw.astype(int).tolist()
-        label_names = [str(i) for i in range(max(ids) + 1)]
-    else:
-        label_names = sorted(raw.astype(str).unique())
-        ids = [label_names.index(v) for v in raw.astype(str)]
+    texts = [_clean_text(t) for t in df[cfg.text_column].tolist()]
+    raw_labels = df[cfg.label_column].tolist()  # tolist: Python scalars, so 3 is an int and not a numpy int64
+    keep, dropped = _dropped_rows(texts, raw_labels)
+    rows = [r for r, k in enumerate(keep) if k]
+    ids, label_names, mapping = class_ids([raw_labels[r] for r in rows])
+    if len(label_names) < 2:
+        found = f"1 class ({label_names[0]!r})" if label_names else "no class (no usable rows)"
+        after = ""
+        if len(rows) < len(df):
+            after = f" after dropping {len(df) - len(rows)} of {len(df)} rows ({_describe_drops(dropped)})"
+        raise ConfigError(f"data.label_column: '{cfg.label_column}' in '{cfg.name}' has {found}{after}; "
+                          "a classifier needs at least 2")
     sources = df[cfg.source_column].astype(str).tolist() if cfg.source_column else [Path(cfg.name).stem] * len(df)
-    items = [_item(str(t), y, s) for t, y, s in zip(df[cfg.text_column], ids, sources)]
+    items = [_item(texts[r], y, sources[r]) for r, y in zip(rows, ids)]
     if teacher_column:
-        for it, v in zip(items, df[teacher_column]):
-            it["teacher"] = _as_vector(v)
+        column = df[teacher_column].tolist()
+        vectors = _teacher_vectors([column[r] for r in rows], rows, teacher_column, cfg.name, len(label_names),
+                                   label_names)
+        for it, v in zip(items, vectors):
+            it["teacher"] = v
     is_file = Path(cfg.name).expanduser().is_file()
-    card = {"name": cfg.name, "label_names": label_names, "n_items": len(items),
+    card = {"name": cfg.name, "label_names": label_names, "label_mapping": mapping, "n_rows": len(df),
+            "n_items": len(items), "dropped_rows": dropped,
             "file_sha256": _sha256(Path(cfg.name).expanduser()) if is_file else None,
+            "encoding": cfg.encoding if is_file and Path(cfg.name).suffix != ".parquet" else None,
             "columns": {"text": cfg.text_column, "label": cfg.label_column, "source": cfg.source_column,
                         "teacher": teacher_column},
             "per_label": {n: ids.count(i) for i, n in enumerate(label_names)},
@@ -472,8 +586,43 @@ def _noisy(text: str, rate: float) -> str:
     return char_noise(text, rate, random.Random(f"{NOISE_SEED}:{text}"))
 
 
+def _split_problems(parts: dict[str, list[int]], labels: list[int], label_names: list[str],
+                    shift: str | None) -> list[str]:
+    """What keeps each split from measuring anything (MIN_EVAL_ITEMS); empty when the splits are usable.
+
+    With a shift the test split is the held-out source as it is, and may hold one class only."""
+    problems = []
+    for split in SPLITS:
+        n = len(parts[split])
+        if split != "train" and n < MIN_EVAL_ITEMS:
+            problems.append(f"{split} has {n} item{'s' * (n != 1)} (need at least {MIN_EVAL_ITEMS})")
+        if split == "test" and shift is not None:
+            continue
+        present = {labels[i] for i in parts[split]}
+        missing = [repr(name) for c, name in enumerate(label_names) if c not in present]
+        if missing:
+            problems.append(f"{split} lacks class {', '.join(missing)}")
+    return problems
+
+
+def _check_split_sizes(parts: dict[str, list[int]], labels: list[int], label_names: list[str], cfg: DataConfig) -> None:
+    """Refuse splits too small to learn or measure anything, naming the counts they got."""
+    problems = _split_problems(parts, labels, label_names, cfg.shift)
+    if problems:
+        held = f" with data.shift='{cfg.shift}'" if cfg.shift else ""
+        counts = " / ".join(f"{k} {len(parts[k])}" for k in SPLITS)
+        everywhere = "train and val" if cfg.shift else "train, val and test"
+        raise ConfigError(f"data.name: '{cfg.name}'{held} is too small to measure anything: {len(labels)} items split "
+                          f"into {counts}; {'; '.join(problems)}; need every class in {everywhere} and at least "
+                          f"{MIN_EVAL_ITEMS} items in val and in test")
+
+
 def load_splits(cfg: DataConfig, cache_dir: Path, teacher_column: str | None = None) -> TextSplits:
-    """Train/val/test (+ the noisy test copy) for a DataConfig; the recipe itself comes from the cache."""
+    """Train/val/test (+ the noisy test copy) for a DataConfig; the recipe itself comes from the cache.
+
+    Data that cannot work is a ConfigError before anything is computed: an unreadable file, fewer
+    than two classes, splits below MIN_EVAL_ITEMS. User rows with an empty text or a missing label
+    are dropped, counted in ``card["dropped_rows"]`` and reported in one warning line."""
     if cfg.name in RECIPES:
         if teacher_column:
             raise ConfigError(f"teacher.column: built-in recipe '{cfg.name}' has no teacher column; "
@@ -483,6 +632,11 @@ def load_splits(cfg: DataConfig, cache_dir: Path, teacher_column: str | None = N
     else:
         items, label_names, card = _user_items(cfg, teacher_column)
     parts = _split(items, cfg)
+    _check_split_sizes(parts, [it["label"] for it in items], label_names, cfg)
+    dropped = card.get("dropped_rows", {})
+    if sum(dropped.values()):
+        _warn_once(f"data.name: dropped {sum(dropped.values())} of {card['n_rows']} rows of '{cfg.name}' "
+                   f"({_describe_drops(dropped)}); the dataset card counts them under dropped_rows")
     texts = {k: [items[i]["text"] for i in parts[k]] for k in SPLITS}
     labels = {k: [items[i]["label"] for i in parts[k]] for k in SPLITS}
     clean_train = list(labels["train"])
@@ -498,3 +652,49 @@ def load_splits(cfg: DataConfig, cache_dir: Path, teacher_column: str | None = N
     return TextSplits(name=cfg.name, label_names=list(label_names), texts=texts, labels=labels, sources=sources,
                       hard=hard, teacher_column=teacher, content_hash=hashlib.sha256(blob.encode()).hexdigest()[:16],
                       card=card, clean_train_labels=clean_train)
+
+
+# -- the pre-flight check of a run's inputs ------------------------------------------------------
+
+
+def model_num_labels(path: str | Path) -> int:
+    """How many classes a saved HF classifier predicts, from its config.json alone (no weights)."""
+    config_file = Path(path).expanduser() / "config.json"
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"teacher.path: '{path}' has no config.json; allowed: a local HF classifier directory "
+                          "(written by save_pretrained)") from None
+    except (UnicodeError, ValueError):
+        raise ConfigError(f"teacher.path: '{config_file}' is not valid JSON") from None
+    if "id2label" in saved:  # what num_labels is derived from; save_pretrained omits both at the default
+        return len(saved["id2label"])
+    return int(saved.get("num_labels", 2))  # PretrainedConfig's default
+
+
+def check_teacher_classes(teacher: TeacherConfig, splits: TextSplits) -> None:
+    """A teacher that predicts another number of classes than the data has cannot be distilled from.
+
+    (A teacher column's width is checked where the column is read, in ``_user_items``.)"""
+    if teacher.source != "model":
+        return
+    n = model_num_labels(teacher.path)
+    if n != splits.num_classes:
+        raise ConfigError(f"teacher.path: '{teacher.path}' is a classifier of {n} labels (config.json) but data "
+                          f"'{splits.name}' has {splits.num_classes} classes ({', '.join(splits.label_names)}); "
+                          f"allowed: a classifier of {splits.num_classes} labels, or teacher.source=finetune")
+
+
+def checked_splits(config: TrainConfig) -> TextSplits:
+    """The splits of a run after every input check: what ``prepare_artifacts`` builds on."""
+    splits = load_splits(config.data, config.resolved_cache_dir(), teacher_column=config.teacher.column)
+    check_teacher_classes(config.teacher, splits)
+    return splits
+
+
+def validate_inputs(config: TrainConfig) -> None:
+    """Refuse data and teacher that cannot work, with one-line ConfigErrors, before any training.
+
+    Cheap: reads the user's file (a built-in recipe comes from the cache) and a teacher's config.json;
+    loads no model weights and computes no features. Imports no torch, so a CLI can call it first."""
+    checked_splits(config)

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from trainable import backbone as bb
 from trainable.config import TrainConfig
-from trainable.data import TextSplits, load_splits
+from trainable.data import TextSplits, checked_splits
+from trainable.data import validate_inputs  # noqa: F401  (re-exported; import it from trainable.data to skip torch)
 from trainable.losses import unified_loss
 from trainable.metrics import evaluate
 from trainable.perturb import make_delta
@@ -68,9 +69,12 @@ class Artifacts:
 
 
 def prepare_artifacts(config: TrainConfig, device: str = "cpu") -> Artifacts:
-    """Splits, frozen-backbone features and teacher logits, each cached on disk by content hash."""
+    """Splits, frozen-backbone features and teacher logits, each cached on disk by content hash.
+
+    The inputs are checked first (``validate_inputs``), so data that cannot work is refused
+    before any feature is computed, however the loop was reached."""
     cache = config.resolved_cache_dir()
-    splits = load_splits(config.data, cache, teacher_column=config.teacher.column)
+    splits = checked_splits(config)
     feats = bb.cached_features(config.backbone, config.pooling, config.data.max_len, splits.texts, cache, device)
     inputs = {split: {"features": f} for split, f in feats.items()}
     if config.needs_backbone_in_loop():
