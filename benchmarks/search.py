@@ -7,7 +7,7 @@ small fixed ``budget_steps``, returning (kd_alignment, noise_robustness), both m
 hypervolume is ``sweeps.pareto.hypervolume`` with the sweeps' default reference (0, 0). The
 space is the built-in ``pareto`` spec's four continuous knobs (distill_weight log [0.05, 10],
 epsilon [0, 0.2], alpha [0, 1], lambda_reg log [1e-4, 1]); precision and budget are fixed.
-Samplers are built by the product's ``sweeps.tune.make_sampler`` for a 32-trial, concurrency-2
+Samplers are built by the product's ``sweeps.searcher.make_sampler`` for a 32-trial, concurrency-2
 spec (TPE: multivariate + constant liar, 10 startup trials; NSGA-II: population 4) and run in a
 plain Optuna loop, one trial at a time. The grid takes ``levels`` values per knob (log-spaced
 for log knobs). Evaluations run in 2 processes, one torch thread each.
@@ -70,7 +70,7 @@ def _study(job: tuple[str, int, int]) -> tuple[str, int, list[list[float]]]:
     import optuna
 
     from benchmarks.common import suggest
-    from sweeps.tune import make_sampler
+    from sweeps.searcher import make_sampler
 
     kind, seed, trials = job
     spec = search_spec(_STATE["smoke"], _STATE["work"], kind, seed, trials, _STATE["budget"])

@@ -62,7 +62,8 @@ def child_sweep(spec_path: Path, out: Path, work: Path) -> None:
 
     from sweeps import tracking
     from sweeps.spec import load_spec
-    from sweeps.tune import optuna_storage_url, run_sweep, study_storage
+    from sweeps.searcher import study_storage
+    from sweeps.tune import run_sweep
     from trainable.loop import train_loop  # noqa: F401
 
     spec = load_spec(spec_path)
@@ -79,8 +80,9 @@ def child_sweep(spec_path: Path, out: Path, work: Path) -> None:
     starts = [r.info.start_time / 1e3 for r in runs]
     ends = [r.info.end_time / 1e3 for r in runs if r.info.end_time]
     durations = [(r.info.end_time - r.info.start_time) / 1e3 for r in runs if r.info.end_time]
-    study = optuna.load_study(study_name=Path(result.path).name,
-                              storage=study_storage(optuna_storage_url(uri, str(storage.resolve()))))
+    parent = tracking.client(uri).get_run(result.parent_run_id)
+    study = optuna.load_study(study_name=parent.data.tags["optuna_study"],
+                              storage=study_storage(parent.data.tags["optuna_storage"]))
     trials = [{"params": t.params, "values": t.values} for t in study.trials
               if t.state == optuna.trial.TrialState.COMPLETE]
     out.write_text(json.dumps({
@@ -99,7 +101,7 @@ def child_bare(spec_path: Path, trials_path: Path, out: Path) -> None:
 
     from benchmarks.common import noop_report, suggest
     from sweeps.spec import load_spec, nest
-    from sweeps.tune import make_sampler
+    from sweeps.searcher import make_sampler
     from trainable.loop import train_loop
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,0 +1,22 @@
+"""alignsweep's sweep service: Ray Tune + multi-objective Optuna, tracked in MLflow (DESIGN §2).
+
+Tune reads some of its settings when it is imported, so the sweeps' defaults are set here,
+before any module of this package imports Ray.
+"""
+
+import os
+
+# Driver state saved every second: a killed driver resumes cleanly (DESIGN §7).
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Snapshots every second are what we want; Tune warns about them when trials checkpoint often.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Intermediate results (losses at checkpoints) carry no objectives; only the final one does.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+# Ctrl-C is handled by sweeps.tune (it asks Tune to stop through Tune's SIGUSR1 handler instead).
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+
+
+class StartupError(RuntimeError):
+    """Ray could not be started or reached: the CLI prints one line with a hint and exits 1."""

@@ -45,6 +45,9 @@ def train(
     """Train one student with the configured method and print the DESIGN §4 metrics."""
     cfg = load_train_config(config, set_ or [])
     device = cfg.resolve_device()
+    from trainable.data import validate_inputs
+
+    validate_inputs(cfg)
     if workers > 1:
         import ray
 
@@ -94,27 +97,36 @@ def sweep(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest interrupted sweep of this spec.")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Run a multi-objective sweep with Ray Tune + Optuna, tracked in MLflow."""
+    """Run a multi-objective sweep with Ray Tune + Optuna, tracked in MLflow.
+
+    Ctrl-C once stops it cleanly (trials stopped, runs closed, parent KILLED): continue with
+    --resume. Ctrl-C twice exits at once."""
     from sweeps.spec import load_spec
     from sweeps.tracking import check_tracking_uri
+    from trainable.data import validate_inputs
 
     sweep_spec = load_spec(spec, set_ or [], trials=trials, concurrency=concurrency, experiment=experiment)
     uri = _tracking(tracking_uri)
     check_tracking_uri(uri)
     for cfg in sweep_spec.artifact_variants():
         cfg.resolve_device()
+        validate_inputs(cfg)  # the data and teacher can work: cheap, no weights, no features
 
     from sweeps.tune import run_sweep
 
-    result = run_sweep(sweep_spec, uri, storage=storage, address=address, resume=resume)
+    result = run_sweep(sweep_spec, uri, storage=storage, address=address, resume=resume, trials=trials)
     _print_front(result.front, sweep_spec.metrics, list(sweep_spec.space),
                  f"{sweep_spec.name}: Pareto front ({len(result.front)} of {result.finished} finished trials)")
     print(f"trials: {result.finished} finished, {result.failed} failed, {result.killed} killed; "
           f"hypervolume {result.hypervolume:.1f}; wall {result.wall_s:.0f}s")
     print(f"MLflow: experiment '{sweep_spec.experiment_name}', parent run {result.parent_run_id} at {uri}")
     print(f"open the UI: alignsweep ui --tracking-uri {uri}")
+    if result.interrupted:
+        again = " ".join(a for a in sys.argv[1:] if a != "--resume")
+        print(f"interrupted: continue with `alignsweep {again} --resume`", file=sys.stderr)
+        raise typer.Exit(130)
     # KILLED runs are trials a killed driver left behind (re-run on --resume): not failures of this sweep
-    if result.failed or result.finished < sweep_spec.num_trials():
+    if result.failed or result.finished < result.trials:
         raise typer.Exit(1)
 
 
@@ -238,8 +250,12 @@ def ui(
     uri = _tracking(tracking_uri)
     if not uri.startswith(("sqlite:", "postgresql", "mysql")):
         raise ConfigError(f"--tracking-uri: ui serves a database store (sqlite/postgresql/mysql); got '{uri}'")
-    from sweeps.tracking import artifact_root_for
+    from sweeps.tracking import artifact_root_for, check_tracking_uri, open_store
 
+    check_tracking_uri(uri)
+    # Create a fresh store here, under the lock the sweep takes too: the server would migrate it
+    # itself, racing a sweep that is creating the same store (DESIGN §7).
+    open_store(uri)
     mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
     cmd = [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", uri]
     root = artifact_root_for(uri)
@@ -269,7 +285,8 @@ def data_prepare(name: Annotated[str, typer.Argument(help="safety | sentiment")]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ConfigError -> one line on stderr, exit 2; other failures exit 1."""
+    """Entry point: ConfigError -> one line on stderr, exit 2; Ray start-up failure -> one line,
+    exit 1; Ctrl-C -> one line, exit 130; other failures exit 1 with their traceback."""
     try:
         rc = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
     except ConfigError as err:
@@ -277,14 +294,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except typer.Exit as exit_:
         return exit_.exit_code
-    except typer.Abort:
-        return 1
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # click usage errors carry their own exit code (2)
         import click
 
         if isinstance(err, click.ClickException):
             err.show()
             return err.exit_code
+        from sweeps import StartupError
+
+        if isinstance(err, StartupError):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         raise
     return rc if isinstance(rc, int) else 0
 

@@ -54,7 +54,7 @@ class Estimate:
 def load_trials(uri: str, experiment: str) -> tuple[Any, list[Trial]]:
     """The latest sweep of an experiment: its parent run and every FINISHED trial with its items."""
     experiment_id, parent = tracking.latest_parent(uri, experiment)
-    client = tracking._client(uri)
+    client = tracking.client(uri)
     trials = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in tracking.child_runs(uri, experiment_id, parent.info.run_id):
@@ -268,7 +268,7 @@ def make_figures(uri: str, experiment: str, out: Path, baselines_experiment: str
         paths += _shift_figure(shifted, parent, out, per_point)
     if not paths:  # a Pareto sweep, or a grid over knobs no one-factor figure covers: figure D
         paths += _pareto_figure(uri, parent, trials, out, baselines_experiment)
-    client = tracking._client(uri)
+    client = tracking.client(uri)
     for p in paths:
         client.log_artifact(parent.info.run_id, str(p), artifact_path="figures")
     return paths
@@ -380,5 +380,5 @@ def compare_table(uri: str, experiment: str = "methods", metrics=COMPARE_METRICS
             lines.append(f"| {metric} | " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)
-    tracking._client(uri).log_text(parent.info.run_id, text, "compare.md")
+    tracking.client(uri).log_text(parent.info.run_id, text, "compare.md")
     return text

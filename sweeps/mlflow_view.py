@@ -40,7 +40,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from sweeps.pareto import _FRONT_COLOR, _TRIAL_COLOR, default_reference
+from sweeps.pareto import FRONT_COLOR, TRIAL_COLOR, default_reference
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ MAX_NOTE_CHARS = 8_000
 MAX_PAIR_SCATTERS = 6
 """With 3+ objectives: one scatter per pair of objectives, at most this many (4 objectives = 6 pairs)."""
 
-FRONT_COLOR = _FRONT_COLOR  # the same red as pareto.png / pareto.html
-OTHER_COLOR = _TRIAL_COLOR  # muted grey
+OTHER_COLOR = TRIAL_COLOR  # muted grey; FRONT_COLOR is the same red as pareto.png / pareto.html
 
 RunsHiddenMode = Literal["SHOW_ALL", "HIDE_ALL", "FIRST_10_RUNS", "FIRST_20_RUNS", "HIDE_FINISHED_RUNS", "CUSTOM"]
 SECTION_PARETO = "Pareto"

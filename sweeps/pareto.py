@@ -24,8 +24,8 @@ __all__ = ["Direction", "non_dominated", "hypervolume", "default_reference", "fr
 
 #: Keys shown first in hover text to identify a trial, when a row has them.
 _ID_KEYS = ("run_name", "trial_id", "run_id")
-_FRONT_COLOR = "#d62728"
-_TRIAL_COLOR = "#9e9e9e"
+FRONT_COLOR = "#d62728"
+TRIAL_COLOR = "#9e9e9e"
 
 
 def _signs(directions: Sequence[Direction], k: int) -> np.ndarray:
@@ -213,11 +213,11 @@ def plot_png(rows: list[dict], front: list[dict], objectives: Sequence[str],
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     try:
-        ax.scatter(trial_xy[:, 0], trial_xy[:, 1], s=18, color=_TRIAL_COLOR, alpha=0.7,
+        ax.scatter(trial_xy[:, 0], trial_xy[:, 1], s=18, color=TRIAL_COLOR, alpha=0.7,
                    label=f"trials ({len(trial_xy)})", zorder=1)
         if len(steps):
-            ax.plot(steps[:, 0], steps[:, 1], color=_FRONT_COLOR, linewidth=1.2, zorder=2)
-        ax.scatter(front_xy[:, 0], front_xy[:, 1], s=36, color=_FRONT_COLOR,
+            ax.plot(steps[:, 0], steps[:, 1], color=FRONT_COLOR, linewidth=1.2, zorder=2)
+        ax.scatter(front_xy[:, 0], front_xy[:, 1], s=36, color=FRONT_COLOR,
                    label=f"Pareto front ({len(front_xy)})", zorder=3)
         ax.set_xlabel(_axis_label(obj[0], dirs[0]))
         ax.set_ylabel(_axis_label(obj[1], dirs[1]))
@@ -258,15 +258,15 @@ def plot_html(rows: list[dict], front: list[dict], objectives: Sequence[str],
     fig = go.Figure()
     fig.add_trace(go.Scatter(
         x=trial_xy[:, 0], y=trial_xy[:, 1], mode="markers", name=f"trials ({len(trials)})",
-        marker={"color": _TRIAL_COLOR, "size": 7, "opacity": 0.7},
+        marker={"color": TRIAL_COLOR, "size": 7, "opacity": 0.7},
         text=[_hover_text(r, objectives, hover_keys) for r in trials],
         hovertemplate="%{text}<extra>trial</extra>"))
     fig.add_trace(go.Scatter(
         x=steps[:, 0], y=steps[:, 1], mode="lines", name="front boundary",
-        line={"color": _FRONT_COLOR, "width": 1.5}, hoverinfo="skip", showlegend=False))
+        line={"color": FRONT_COLOR, "width": 1.5}, hoverinfo="skip", showlegend=False))
     fig.add_trace(go.Scatter(
         x=front_xy[:, 0], y=front_xy[:, 1], mode="markers",
-        name=f"Pareto front ({len(front_kept)})", marker={"color": _FRONT_COLOR, "size": 10},
+        name=f"Pareto front ({len(front_kept)})", marker={"color": FRONT_COLOR, "size": 10},
         text=[_hover_text(r, objectives, hover_keys) for r in front_kept],
         hovertemplate="%{text}<extra>Pareto front</extra>"))
     fig.update_layout(title=title, xaxis_title=_axis_label(obj[0], dirs[0]),

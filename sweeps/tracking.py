@@ -8,9 +8,11 @@ instead of splitting it, and a trial whose run is already FINISHED reports the s
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -26,10 +28,43 @@ STEP_METRICS = ("loss", "l_kd", "l_nr", "l_reg", "grad_norm")
 EVAL_ITEMS = "eval_items.json"  # written by trainable.loop beside the final checkpoint
 
 
-def _client(uri: str):
+_OPENED: set[str] = set()
+"""Stores this process has opened (and so created, if they were fresh)."""
+
+
+@contextmanager
+def _store_lock(db: Path):
+    """An exclusive lock beside a sqlite store: two processes creating a fresh store at once
+    corrupt it for good (``table _alembic_tmp_experiments already exists``, DESIGN §7)."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def client(uri: str):
+    """An MlflowClient on ``uri``: the product's one way to open a store (the sweep driver, its
+    trials, ``alignsweep ui``, ``pareto`` and ``figures`` all come through here).
+
+    The first open in a process creates and migrates a fresh sqlite store under :func:`_store_lock`;
+    MLflow caches the store per process, so later opens cost nothing more."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    c = MlflowClient(tracking_uri=uri)
+    if uri not in _OPENED:
+        if uri.startswith("sqlite:///"):
+            with _store_lock(Path(uri.removeprefix("sqlite:///"))):
+                c.search_experiments(max_results=1)  # builds the store: creates and migrates it if fresh
+        _OPENED.add(uri)
+    return c
+
+
+def open_store(uri: str) -> None:
+    """Create (or open) the store now, before any trial or reader can race to create it."""
+    client(uri)
 
 
 def check_tracking_uri(uri: str, reach: bool = True) -> None:
@@ -66,12 +101,12 @@ def artifact_root_for(uri: str) -> str | None:
 
 def ensure_experiment(uri: str, name: str) -> str:
     """Create (or find) the experiment in the driver, before any trial can race to create the store."""
-    client = _client(uri)
-    exp = client.get_experiment_by_name(name)
+    mc = client(uri)
+    exp = mc.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     root = artifact_root_for(uri)
-    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    return mc.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
 
 
 def git_sha() -> str:
@@ -103,7 +138,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _batch(client, run_id: str, metrics: dict[str, float] | None = None, step: int = 0,
+def log_batch(mc, run_id: str, metrics: dict[str, float] | None = None, step: int = 0,
            params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> None:
     """One log_batch call: each write to sqlite costs 12-80 ms, so never log key by key."""
     from mlflow.entities import Metric, Param, RunTag
@@ -113,27 +148,34 @@ def _batch(client, run_id: str, metrics: dict[str, float] | None = None, step: i
     ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
     ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     for i in range(0, max(len(ms), 1), 1000):  # MLflow caps a batch at 1000 metrics
-        client.log_batch(run_id, metrics=ms[i : i + 1000], params=ps if i == 0 else [], tags=ts if i == 0 else [])
+        mc.log_batch(run_id, metrics=ms[i : i + 1000], params=ps if i == 0 else [], tags=ts if i == 0 else [])
 
 
 # -- the driver side --------------------------------------------------------------------------
 
 
-def start_parent(uri: str, experiment_id: str, spec, sweep_path: str, dataset_hashes: list[str]) -> str:
-    """The sweep's parent run, or the existing one for this sweep path when resuming."""
-    client = _client(uri)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_path}'", max_results=1)
+def start_parent(uri: str, experiment_id: str, spec, sweep_path: str, dataset_hashes: list[str],
+                 tags: dict[str, str] | None = None) -> str:
+    """The sweep's parent run, or the existing one for this sweep path when resuming (RUNNING
+    again, the previous stop's ``failure`` cleared). ``tags`` are set either way."""
+    mc = client(uri)
+    tags = {**(tags or {}), "alignsweep.trials": str(spec.num_trials())}  # params are immutable; a resume may grow it
+    found = mc.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_path}'", max_results=1)
     if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                            tags={SWEEP_TAG: sweep_path, "alignsweep.spec": spec.name, "git_sha": git_sha(),
-                                  "dataset_hash": ",".join(dataset_hashes), **versions()})
+        run_id = found[0].info.run_id
+        if "failure" in found[0].data.tags:
+            mc.delete_tag(run_id, "failure")
+        log_batch(mc, run_id, tags={**tags, "interrupted": "false"})
+        mc.update_run(run_id, status="RUNNING")
+        return run_id
+    run = mc.create_run(experiment_id, run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                        tags={SWEEP_TAG: sweep_path, "alignsweep.spec": spec.name, "git_sha": git_sha(),
+                              "dataset_hash": ",".join(dataset_hashes), **versions(), **tags})
     params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
               for k, v in _flatten(spec.model_dump(exclude={"space"})).items()}
     params["space"] = json.dumps({k: d.model_dump(exclude_none=True) for k, d in spec.space.items()})
-    _batch(client, run.info.run_id, params=params)
-    client.log_text(run.info.run_id, _yaml(spec), "spec.yaml")
+    log_batch(mc, run.info.run_id, params=params)
+    mc.log_text(run.info.run_id, _yaml(spec), "spec.yaml")
     return run.info.run_id
 
 
@@ -144,11 +186,11 @@ def _yaml(spec) -> str:
 
 
 def child_runs(uri: str, experiment_id: str, parent_id: str) -> list:
-    client = _client(uri)
+    mc = client(uri)
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
-                                  max_results=1000, page_token=token)
+        page = mc.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                              max_results=1000, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
@@ -157,21 +199,22 @@ def child_runs(uri: str, experiment_id: str, parent_id: str) -> list:
 
 def close_orphans(uri: str, experiment_id: str, parent_id: str) -> int:
     """Children still RUNNING after the sweep ended belong to trials no one will finish: KILLED."""
-    client, n = _client(uri), 0
+    mc, n = client(uri), 0
     for run in child_runs(uri, experiment_id, parent_id):
         if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "failure", "trial did not finish (driver interrupted or trial lost)")
-            client.set_terminated(run.info.run_id, status="KILLED")
+            mc.set_tag(run.info.run_id, "failure", "trial did not finish (driver interrupted or trial lost)")
+            mc.set_terminated(run.info.run_id, status="KILLED")
             n += 1
     return n
 
 
-def abort_parent(uri: str, experiment_id: str, parent_id: str, reason: str) -> None:
-    """The driver itself failed: children still RUNNING are KILLED, the parent FAILED with the reason."""
+def abort_parent(uri: str, experiment_id: str, parent_id: str, status: str, interrupted: bool, reason: str) -> None:
+    """The driver stopped before finalize: children still RUNNING are KILLED, the parent ends
+    ``status`` (KILLED on Ctrl-C, FAILED on an error) with the reason."""
     close_orphans(uri, experiment_id, parent_id)
-    client = _client(uri)
-    client.set_tag(parent_id, "failure", reason[:5000])
-    client.set_terminated(parent_id, status="FAILED")
+    mc = client(uri)
+    log_batch(mc, parent_id, tags={"failure": reason[:5000], "interrupted": str(interrupted).lower()})
+    mc.set_terminated(parent_id, status=status)
 
 
 # -- the trial side ---------------------------------------------------------------------------
@@ -194,25 +237,25 @@ class TrialLogger:
 
     def open(self, params: dict[str, Any]) -> dict[str, float] | None:
         """Find or create this trial's child run. Returns the stored metrics if it already FINISHED."""
-        client = _client(self.uri)
-        found = client.search_runs([self.experiment_id], max_results=1, filter_string=(
+        mc = client(self.uri)
+        found = mc.search_runs([self.experiment_id], max_results=1, filter_string=(
             f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{TRIAL_TAG}` = '{self.trial_id}'"))
         if found:
             run = found[0]
             self.run_id = run.info.run_id
             if run.info.status == "FINISHED":
                 return dict(run.data.metrics)
-            client.update_run(self.run_id, status="RUNNING")
-            client.set_tag(self.run_id, "restarts", int(run.data.tags.get("restarts", "0")) + 1)
+            mc.update_run(self.run_id, status="RUNNING")
+            mc.set_tag(self.run_id, "restarts", int(run.data.tags.get("restarts", "0")) + 1)
             return None
-        run = client.create_run(self.experiment_id, run_name=self.trial_name,
+        run = mc.create_run(self.experiment_id, run_name=self.trial_name,
                                 tags={PARENT_TAG: self.parent_id, TRIAL_TAG: self.trial_id})
         self.run_id = run.info.run_id
-        _batch(client, self.run_id, params=_flatten(params))
+        log_batch(mc, self.run_id, params=_flatten(params))
         return None
 
     def tag(self, **tags: str) -> None:
-        _batch(_client(self.uri), self.run_id, tags=tags)
+        log_batch(client(self.uri), self.run_id, tags=tags)
 
     def __call__(self, metrics: dict[str, float], checkpoint: Path | None = None) -> None:
         step = int(metrics.get("step", 0))
@@ -221,7 +264,7 @@ class TrialLogger:
             self.flush()
             items = Path(checkpoint) / EVAL_ITEMS
             if items.is_file():  # the final evaluation: per-item outcomes for bootstrap CIs
-                _client(self.uri).log_artifact(self.run_id, str(items))
+                client(self.uri).log_artifact(self.run_id, str(items))
 
     def flush(self) -> None:
         if not self._buffer or self.run_id is None:
@@ -230,19 +273,19 @@ class TrialLogger:
 
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for step, m in self._buffer for k, v in m.items()]
-        client = _client(self.uri)
+        mc = client(self.uri)
         for i in range(0, len(ms), 1000):
-            client.log_batch(self.run_id, metrics=ms[i : i + 1000])
+            mc.log_batch(self.run_id, metrics=ms[i : i + 1000])
         self._buffer.clear()
 
     def finish(self, final: dict[str, float] | None, status: str, step: int, reason: str | None = None) -> None:
         """Write the final metrics (at the real last step) and close the run FINISHED or FAILED."""
         self.flush()
-        client = _client(self.uri)
+        mc = client(self.uri)
         tags = {"failure": reason[:5000]} if reason else {}
-        _batch(client, self.run_id, metrics={k: v for k, v in (final or {}).items() if k not in STEP_METRICS and k != "step"},
+        log_batch(mc, self.run_id, metrics={k: v for k, v in (final or {}).items() if k not in STEP_METRICS and k != "step"},
                step=step, tags=tags)
-        client.set_terminated(self.run_id, status=status)
+        mc.set_terminated(self.run_id, status=status)
 
 
 # -- reading a sweep back ---------------------------------------------------------------------
@@ -264,11 +307,11 @@ def run_row(run) -> dict[str, Any]:
 
 def latest_parent(uri: str, experiment: str):
     """The most recent sweep (parent run) in an experiment."""
-    client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
+    mc = client(uri)
+    exp = mc.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no experiment '{experiment}' at {uri}")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` != ''",
+    runs = mc.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` != ''",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise ConfigError(f"--experiment: '{experiment}' holds no alignsweep sweep")

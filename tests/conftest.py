@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from benchmarks.common import toy_prompts, write_tiny_bert  # noqa: E402  (the builders the benchmarks' smoke run uses)
+from tests.helpers import toy_prompts, write_tiny_bert  # noqa: E402
 
 
 @pytest.fixture(scope="session")

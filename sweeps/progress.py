@@ -1,0 +1,95 @@
+"""The sweep's live progress: a rich panel in a terminal, one line per finished trial otherwise."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+from ray.tune import Callback
+
+from sweeps import pareto
+from sweeps.spec import SweepSpec
+
+
+class SweepProgress(Callback):
+    """Done / running / failed, front size and hypervolume so far.
+
+    Counts come from Tune's trial list, so a resumed sweep shows the trials it restored. Tune
+    pickles its callbacks with the RunConfig, and a ``rich.live.Live`` holds locks and a refresh
+    thread: the view is built when the experiment starts (:meth:`setup`) and never pickled.
+    """
+
+    active: set[SweepProgress] = set()
+    """Views showing now: a restored Tuner runs its own unpickled copy of this callback, and a second
+    Ctrl-C skips Tune's cleanup, so the driver closes them all through :meth:`close_all`."""
+
+    def __init__(self, spec: SweepSpec, total: int):
+        self.spec, self.total = spec, total
+        self.started = time.monotonic()
+        self.live = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "live": None}
+
+    def setup(self, **info) -> None:
+        self.started = time.monotonic()
+        if sys.stdout.isatty() and self.live is None:
+            from rich.live import Live
+
+            self.live = Live("", refresh_per_second=2, transient=True)
+            self.live.start()
+            SweepProgress.active.add(self)
+            self._show([])
+
+    def summary(self, trials, ending=None) -> tuple[str, str]:
+        spec = self.spec
+        # Tune calls on_trial_complete before it marks the trial TERMINATED: count it as done.
+        done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ending]
+        results = [t.last_result or {} for t in done]
+        ok = [r for r in results if r.get("trial_status") == "FINISHED"]
+        running = sum(t.status == "RUNNING" and t is not ending for t in trials)
+        pts = np.asarray([[r.get(m, math.nan) for m in spec.metrics] for r in ok], dtype=float).reshape(len(ok), len(spec.metrics))
+        ref = spec.reference or pareto.default_reference(spec.modes)
+        front = int(pareto.non_dominated(pts, spec.modes).sum()) if len(ok) else 0
+        hv = pareto.hypervolume(pts, spec.modes, ref) if len(ok) else 0.0
+        head = f"{len(results)}/{self.total} done, {running} running, {len(results) - len(ok)} failed"
+        return head, f"front {front}, hypervolume {hv:.1f}, {time.monotonic() - self.started:.0f}s"
+
+    def _show(self, trials, line: str | None = None, ending=None) -> None:
+        head, tail = self.summary(trials, ending)
+        if self.live is not None:
+            from rich.panel import Panel
+
+            if line is not None:
+                self.live.console.print(line, highlight=False)
+            self.live.update(Panel(tail, title=f"sweep {self.spec.name}: {head}"))
+        elif line is not None:
+            print(f"[{head}] {line}; {tail}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._show(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        vals = ", ".join(f"{m}={r[m]:.1f}" for m in self.spec.metrics if isinstance(r.get(m), (int, float)))
+        self._show(trials, f"{trial.trial_id} {r.get('trial_status', 'ERROR')} {vals}".rstrip(), trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._show(trials, f"{trial.trial_id} ERROR", trial)
+
+    def on_experiment_end(self, trials, **info):
+        self.close()
+
+    def close(self) -> None:
+        """Stop the live view."""
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+        SweepProgress.active.discard(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        for view in list(cls.active):
+            view.close()

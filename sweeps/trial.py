@@ -1,0 +1,77 @@
+"""One Tune trial: train with the searched params, log to MLflow from inside the trial, report to Tune.
+
+A trial that raises would lose its reused actor (20-30 s to replace, DESIGN §7): failures are
+caught here, logged FAILED to MLflow, and reported to Tune as a result without objectives.
+Retried and resumed trials reopen their own MLflow run by trial id, and a re-run of a trial that
+already finished reports the stored values instead of training again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune import Checkpoint
+
+from sweeps import tracking
+from sweeps.spec import SweepSpec
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a sweep shares (travels to the trial processes with the trainable)."""
+
+    spec: SweepSpec
+    uri: str
+    experiment_id: str
+    parent_id: str
+    run_storage: str
+
+
+def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
+    tctx = tune.get_context()
+    logger = tracking.TrialLogger(ctx.uri, ctx.experiment_id, ctx.parent_id, tctx.get_trial_id(), tctx.get_trial_name())
+    stored = logger.open(params)
+    if stored is not None:  # a re-run of a trial that already finished: report, don't retrain
+        tune.report({**stored, "trial_status": "FINISHED"})
+        return
+    spec, step = ctx.spec, 0
+    try:
+        config = spec.trial_config(params)
+        mode = spec.resources.mode()
+        if mode == "torch_trainer":
+            from trainable.worker import fit_with_ray_train
+
+            r = spec.resources
+            final = fit_with_ray_train(config, r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
+                                       cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker or 1,
+                                       on_report=logger, storage_path=ctx.run_storage, name=f"{tctx.get_trial_name()}-train")
+        else:
+            from trainable.loop import checkpoint_step, train_loop
+
+            def report(metrics: dict[str, float], checkpoint: Path | None = None) -> None:
+                nonlocal step
+                step = int(metrics.get("step", step))
+                logger(metrics, checkpoint)
+                if checkpoint is None:
+                    return
+                status = {"trial_status": "FINISHED"} if all(m in metrics for m in spec.metrics) else {}
+                tune.report({**metrics, **status}, checkpoint=Checkpoint.from_directory(str(checkpoint)))
+
+            resume = tune.get_checkpoint()
+            if resume is not None:
+                with resume.as_directory() as path:
+                    logger.tag(resumed_from_step=str(checkpoint_step(path)))
+                    final = train_loop(config, report, resume_from=path)
+            else:
+                final = train_loop(config, report)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a FAILED trial, the sweep goes on
+        reason = f"{type(err).__name__}: {err}"
+        logger.finish(None, "FAILED", step=getattr(err, "step", step), reason=reason)
+        tune.report({"trial_status": "FAILED", "failure": reason})
+        return
+    logger.finish(final, "FINISHED", step=config.budget_steps)
+    if mode == "torch_trainer":
+        tune.report({**final, "trial_status": "FINISHED"})
