@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.spec import SweepSpec, nest
@@ -102,6 +103,19 @@ class SweepSearcher(OptunaSearch):
     def owned_trial_numbers(self) -> set[int]:
         """Optuna trial numbers of the Tune trials this (restored) searcher still waits on."""
         return {t.number for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
+
+
+class SweepSearchGenerator(SearchGenerator):
+    """Tune's wrapper around the searcher, which remembers on restore that the searcher once said
+    FINISHED. Here the searcher alone decides (``max_trials``), so a restored sweep asks it again:
+    after ``--resume --trials N`` it suggests the new trials, otherwise it says FINISHED at once."""
+
+    def __init__(self, searcher: SweepSearcher, concurrency: int):
+        super().__init__(ConcurrencyLimiter(searcher, max_concurrent=concurrency))
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._finished = False
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:

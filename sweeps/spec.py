@@ -24,6 +24,7 @@ from trainable.config import (
     build_config,
     deep_merge,
     parse_overrides,
+    read_yaml_mapping,
 )
 
 SPECS_DIR = Path(__file__).parent / "specs"
@@ -39,14 +40,21 @@ def builtin_specs() -> list[str]:
     return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
 
 
+MINIMISED_METRICS = ("attack_success_rate",)
+"""Metrics where lower is better; every other objective metric is maximised."""
+
+
 class Objective(StrictModel):
     metric: str
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] | None = None
+    """Default: the metric's natural direction (``attack_success_rate`` is minimised, the rest maximised)."""
 
     @model_validator(mode="after")
     def _known_metric(self) -> Objective:
         if self.metric not in OBJECTIVE_METRICS:
             raise ValueError(f"unknown metric '{self.metric}'; allowed: {', '.join(OBJECTIVE_METRICS)}")
+        if self.mode is None:
+            self.mode = "min" if self.metric in MINIMISED_METRICS else "max"
         return self
 
 
@@ -237,8 +245,25 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _fixed_paths(d: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted paths of every leaf a ``train:`` mapping fixes, and of the mappings above them."""
+    out: set[str] = set()
+    for k, v in d.items():
+        out.add(f"{prefix}{k}")
+        if isinstance(v, dict):
+            out |= _fixed_paths(v, f"{prefix}{k}.")
+    return out
+
+
 def _check_space_against_train(spec: SweepSpec) -> None:
-    """Each searched field must exist in TrainConfig and each bound/value must be valid there."""
+    """No field is both fixed and searched (the search would silently win), each searched field
+    exists in TrainConfig, and each bound/value is valid there."""
+    fixed = _fixed_paths(spec.train)
+    for path in spec.space:
+        if path in fixed:
+            raise ConfigError(f"train.{path}: fixed here (train: or --set train.{path}=...) and also searched by "
+                              f"space.{path}; keep one: drop the fixed value, or drop the search with "
+                              f"--set space.{path}=null")
     base = spec.base_train()
     try:
         build_config(TrainConfig, base)  # the fixed part alone
@@ -266,13 +291,14 @@ def resolve_spec_path(spec: str | Path | None) -> Path:
 
 
 def load_spec(spec: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> SweepSpec:
-    """A validated SweepSpec from a path or built-in name, ``--set`` overrides and CLI fields."""
+    """A validated SweepSpec from a path or built-in name, ``--set`` overrides and CLI fields.
+    ``--set space.FIELD=null`` drops FIELD from the search (to fix it with ``--set train.FIELD=...``)."""
     path = resolve_spec_path(spec)
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"SPEC: '{path}' must hold a mapping")
+    data = read_yaml_mapping(path, "SPEC")
     data = deep_merge(data, parse_overrides(overrides or []))
     data = deep_merge(data, {k: v for k, v in fields.items() if v is not None})
+    if isinstance(data.get("space"), dict):
+        data["space"] = {k: v for k, v in data["space"].items() if v is not None}
     result = build_config(SweepSpec, data)
     _check_space_against_train(result)
     return result

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +31,8 @@ from typing import Any
 from sweeps import StartupError, tracking
 from sweeps.front import SweepResult, finalize
 from sweeps.progress import SweepProgress
-from sweeps.searcher import (SWEEP_RECORD, SweepSearcher, fail_orphaned_trials, journal_path, make_sampler,
-                             param_space, study_storage)
+from sweeps.searcher import (SWEEP_RECORD, SweepSearcher, SweepSearchGenerator, fail_orphaned_trials, journal_path,
+                             make_sampler, param_space, study_storage)
 from sweeps.spec import SweepSpec
 from sweeps.trial import TrialContext, run_trial
 from trainable.config import ConfigError, default_cache_dir
@@ -146,6 +147,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
 
     import ray
 
+    _check_reachable(address or os.environ.get("RAY_ADDRESS"))
     # Ray's start-up (~3 s here) runs beside the driver's own preparation, which mostly waits on
     # imports and disk: the shared artifacts (once, here; every trial then loads them from the
     # cache) and the MLflow store (a fresh sqlite db migrates its schema for ~1.4 s).
@@ -214,7 +216,7 @@ def _fit(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, storage_
             trainable,
             param_space=param_space(spec),
             # num_samples=-1: the searcher's max_trials ends the sweep, so a resume can grow it
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=spec.concurrency,
+            tune_config=tune.TuneConfig(search_alg=SweepSearchGenerator(searcher, spec.concurrency), num_samples=-1,
                                         reuse_actors=True, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=sweep_name, storage_path=storage_root, verbose=0,
@@ -341,6 +343,21 @@ def _start_ray(address: str | None) -> bool:
                 "is /tmp full, or another Ray using this machine's ports? (`ray status`, `df -h /tmp`)")
         raise StartupError(f"Ray did not start: {type(err).__name__}: {first[:300]}; {hint}") from None
     return False
+
+
+def _check_reachable(address: str | None) -> None:
+    """Refuse a malformed address (exit 2) and one where nothing listens (one line, exit 1):
+    ``ray.init`` would retry an unreachable head for minutes without a word."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address: expected HOST:PORT or ray://HOST:PORT of a Ray head, got '{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise StartupError(f"Ray did not start: nothing answers at {address} ({err.strerror or type(err).__name__}); "
+                           f"is a Ray head running there? (`ray status --address {host}:{port}`)") from None
 
 
 def _check_fits(spec: SweepSpec, local: bool) -> None:

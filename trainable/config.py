@@ -305,15 +305,30 @@ def build_config(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise ConfigError(format_validation_error(err, model)) from None
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping. Anything else is one ConfigError line naming ``what``
+    (the option or argument), the file, and for a syntax error its line, column and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what}: file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what}: '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+        raise ConfigError(f"{what}: '{path}'{where}: not valid YAML: {problem or err}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: '{path}' must hold a mapping of fields (key: value), got a {type(data).__name__}")
+    return data
+
+
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """A TrainConfig from an optional YAML file plus ``--set`` overrides (the CLI's edge)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: file '{path}' does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config: '{path}' must hold a mapping of TrainConfig fields")
+    data: dict[str, Any] = read_yaml_mapping(path, "--config") if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides or []))
     return build_config(TrainConfig, data)
