@@ -49,16 +49,18 @@ def client(uri: str):
     """An MlflowClient on ``uri``: the product's one way to open a store (the sweep driver, its
     trials, ``alignsweep ui``, ``pareto`` and ``figures`` all come through here).
 
-    The first open in a process creates and migrates a fresh sqlite store under :func:`_store_lock`;
-    MLflow caches the store per process, so later opens cost nothing more."""
+    The first open in a process creates and migrates a fresh sqlite store under :func:`_store_lock`
+    (MlflowClient may build the store as it is constructed); MLflow caches the store per process,
+    so later opens cost nothing more."""
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(tracking_uri=uri)
-    if uri not in _OPENED:
-        if uri.startswith("sqlite:///"):
-            with _store_lock(Path(uri.removeprefix("sqlite:///"))):
-                c.search_experiments(max_results=1)  # builds the store: creates and migrates it if fresh
+    if uri in _OPENED or not uri.startswith("sqlite:///"):
         _OPENED.add(uri)
+        return MlflowClient(tracking_uri=uri)
+    with _store_lock(Path(uri.removeprefix("sqlite:///"))):
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)  # builds the store: creates and migrates it if fresh
+    _OPENED.add(uri)
     return c
 
 
