@@ -266,12 +266,24 @@ class _GracefulStop:
 
 
 def _saved_searcher(sweep_path: str) -> SweepSearcher | None:
-    """The searcher as Tune saved it last, or None if it never saved one."""
-    searcher = SweepSearcher()
-    try:
-        searcher.restore_from_dir(sweep_path)
-    except (FileNotFoundError, RuntimeError, OSError):
-        return None
+    """The searcher as Tune saved it last, or None if it never saved one. Its files are read
+    through pyarrow, so object storage (s3://) works as a local path does."""
+    import tempfile
+
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(sweep_path) if "://" in sweep_path else \
+        (pyarrow.fs.LocalFileSystem(), sweep_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+            if info.base_name.startswith("searcher-state-") or info.base_name == SWEEP_RECORD:
+                pyarrow.fs.copy_files(info.path, f"{tmp}/{info.base_name}", source_filesystem=fs,
+                                      destination_filesystem=pyarrow.fs.LocalFileSystem())
+        searcher = SweepSearcher()
+        try:
+            searcher.restore_from_dir(tmp)
+        except (FileNotFoundError, RuntimeError, OSError):
+            return None
     return searcher
 
 

@@ -70,3 +70,51 @@ def test_postgres_tracking_matches_sqlite(postgres_uri, tmp_path, tiny_backbone,
     assert len(on_pg) == 4
     assert on_pg == on_sqlite  # same trials, statuses, front tags and metrics
     assert hv_pg == pytest.approx(hv_sqlite)
+
+
+@pytest.mark.slow
+def test_study_survives_a_resubmitted_job_on_a_fresh_driver(postgres_uri, tmp_path, tiny_backbone, toy_csv):
+    """Postgres tracking + URI storage (file:// standing in for s3://): the journal used to land in
+    the job's temporary working directory. Kill the driver, wipe its local disk state (a fresh head
+    node), resume: the study comes back from the copy beside Tune's state, intact."""
+    import signal as sig
+
+    from tests.helpers import assert_study_agrees_with_mlflow, wait_for
+    from tests.test_sweep import OBJ
+
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="resub", trials=6)
+    raw = yaml.safe_load(spec.read_text())
+    raw["train"].update({"budget_steps": 200, "checkpoint_every": 20, "log_every": 20})
+    spec.write_text(yaml.safe_dump(raw))
+    storage = f"file://{tmp_path / 'bucket'}"
+    cmd = [str(Path(os.sys.executable).parent / "alignsweep"), "sweep", str(spec), "--tracking-uri", postgres_uri,
+           "--storage", storage]
+    driver_dir = tmp_path / "job1"
+    driver_dir.mkdir()
+    proc = subprocess.Popen(cmd, cwd=driver_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    from mlflow.tracking import MlflowClient
+
+    def finished() -> int:
+        try:
+            exp = MlflowClient(postgres_uri).get_experiment_by_name("resub")
+            return 0 if exp is None else len(MlflowClient(postgres_uri).search_runs(
+                [exp.experiment_id], filter_string="attributes.status = 'FINISHED' and tags.`mlflow.parentRunId` != ''"))
+        except Exception:  # noqa: BLE001 - the schema may still be migrating
+            return 0
+
+    assert wait_for(lambda: finished() >= 2 or proc.poll() is not None, timeout=300)
+    assert proc.poll() is None, "the sweep ended before the driver could be killed"
+    os.killpg(proc.pid, sig.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(3)
+    journals = list((tmp_path / "cache" / "studies").glob("resub-*/optuna-journal.log"))
+    assert journals and not list(driver_dir.rglob("optuna-journal.log"))  # on the driver's disk, not in its working dir
+    assert list((tmp_path / "bucket").glob("resub-*/optuna-journal.log"))  # and its copy on the storage
+    shutil.rmtree(tmp_path / "cache" / "studies")  # a fresh driver machine
+
+    job2 = tmp_path / "job2"
+    job2.mkdir()
+    out = subprocess.run([*cmd, "--resume"], cwd=job2, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert_study_agrees_with_mlflow(postgres_uri, "resub", 6, OBJ)
