@@ -290,21 +290,29 @@ def describe_sweep(spec, experiment_id: str, view_id: str | None, view_name: str
                   "parallel coordinates, front runs in red)", ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
-    lines += [
-        f"- **trials**: {len(rows)} finished, {failed} failed, {killed} killed (of {spec.num_trials()} planned)",
-        f"- **objectives**: " + ", ".join(f"`{o}` ({m})" for o, m in zip(objectives, modes)),
-        f"- **hypervolume**: {hypervolume:.1f} (reference {ref})",
-        f"- **sampler**: {spec.sampler.kind} (seed {spec.sampler.seed}); **searched**: "
-        + (", ".join(f"`{k}`" for k in knobs) or "nothing"),
-    ]
-    lines.append("- artifacts: `pareto.html` (interactive), `pareto.png`, `pareto_front.csv`/`.json`, `spec.yaml`")
     front = [r for r in rows if r["run_id"] in front_run_ids]
     if modes:
         front.sort(key=lambda r: r.get(objectives[0], math.nan) * (-1 if modes[0] == "max" else 1))
-    lines += ["", f"### Pareto front ({len(front)} of {len(rows)} finished trials)", "",
-              "| trial | " + " | ".join(objectives + knobs) + " |",
-              "|---" * (1 + len(objectives) + len(knobs)) + "|"]
-    text = "\n".join(lines)
+
+    def head(shown: list[str]) -> str:
+        hidden = f" and {len(knobs) - len(shown)} more (spec.yaml)" if len(shown) < len(knobs) else ""
+        return "\n".join(lines + [
+            f"- **trials**: {len(rows)} finished, {failed} failed, {killed} killed (of {spec.num_trials()} planned)",
+            "- **objectives**: " + ", ".join(f"`{o}` ({m})" for o, m in zip(objectives, modes)),
+            f"- **hypervolume**: {hypervolume:.1f} (reference {ref})",
+            f"- **sampler**: {spec.sampler.kind} (seed {spec.sampler.seed}); **searched**: "
+            + (", ".join(f"`{k}`" for k in shown) or "nothing") + hidden,
+            "- artifacts: `pareto.html` (interactive), `pareto.png`, `pareto_front.csv`/`.json`, `spec.yaml`",
+            "", f"### Pareto front ({len(front)} of {len(rows)} finished trials)", "",
+            "| trial | " + " | ".join(objectives + shown) + " |",
+            "|---" * (1 + len(objectives) + len(shown)) + "|"])
+
+    # Many long knob names: the table keeps the first knobs that leave room for the front's rows.
+    shown = list(knobs)
+    while shown and len(head(shown)) > limit // 2:
+        shown.pop()
+    text = head(shown)
+    knobs = shown  # the table's columns from here on
     for i, r in enumerate(front):
         link = f"[{_cell(r.get('run_name', r['run_id']))}](#/experiments/{experiment_id}/runs/{r['run_id']})"
         row = "| " + " | ".join([link, *(_cell(r.get(k, "")) for k in objectives + knobs)]) + " |"

@@ -1,6 +1,7 @@
 """The saved MLflow view (sweeps/mlflow_view.py): typed JSON that round-trips, the charts and
 columns for 2 and 3 objectives, the 20,000-character limit, and publishing on a real sqlite
-MLflow store (several sweeps, one experiment) that degrades to warnings, never to a failure."""
+MLflow store (several sweeps, one experiment) that degrades to warnings, never to a failure:
+real refusals only (a dead server, an oversized tag), no fake clients."""
 
 import json
 import warnings
@@ -184,46 +185,45 @@ def test_publish_on_sqlite_two_sweeps_one_experiment(tmp_path):
     assert mv.latest_view_url(uri, "http://127.0.0.1:5000") == mv.view_url("http://127.0.0.1:5000", eid, published[-1][1])
 
 
-class _Refusing:
-    """A client that stores nothing: every call raises, like an MLflow that refuses the tags."""
+def test_publish_on_a_dead_server_degrades_to_warnings_and_never_raises(monkeypatch):
+    """Every call to a tracking server that is not there fails: publishing warns and returns None."""
+    import socket
 
-    def __getattr__(self, name):
-        def refuse(*args, **kwargs):
-            raise RuntimeError(f"{name} refused")
-        return refuse
+    from mlflow.tracking import MlflowClient
 
-
-class _NoExperimentTags:
-    """Run tags work, experiment tags are refused (e.g. a server with a smaller tag limit)."""
-
-    def __init__(self):
-        self.run_tags = {}
-
-    def get_run(self, run_id):
-        raise RuntimeError("no such run")
-
-    def set_experiment_tag(self, *args):
-        raise RuntimeError("INVALID_PARAMETER_VALUE: tag value too long")
-
-    def get_experiment(self, experiment_id):
-        raise RuntimeError("unreachable")
-
-    def set_tag(self, run_id, key, value):
-        self.run_tags.setdefault(run_id, {})[key] = value
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused at once
+        rows = [{"run_id": "r1", "run_name": "trial-1", "kd_alignment": 90.0, "noise_robustness": 40.0,
+                 "alpha": 0.5, "epsilon": 0.1}]
+        with pytest.warns(UserWarning, match="could not"):
+            assert mv.publish_sweep_view(MlflowClient(dead), "1", "p1", _spec(), rows, {"r1"}, 10.0, failed=0) is None
 
 
-def test_publish_degrades_to_warnings_and_never_raises():
-    rows = [{"run_id": "r1", "run_name": "trial-1", "kd_alignment": 90.0, "noise_robustness": 40.0, "alpha": 0.5, "epsilon": 0.1}]
-    with pytest.warns(UserWarning, match="could not"):
-        assert mv.publish_sweep_view(_Refusing(), "1", "p1", _spec(), rows, {"r1"}, 10.0, failed=0) is None
+def test_a_refused_view_leaves_the_other_steps_done(tmp_path, monkeypatch):
+    """A real sqlite store refuses an experiment tag over 20,000 characters. Let the view grow past
+    that (as a server with a smaller limit would see it): the view is skipped with a warning, runs
+    are still coloured, and the parent's description has no link to a view that was not written."""
+    from mlflow.tracking import MlflowClient
 
-    client = _NoExperimentTags()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    eid = client.create_experiment("tiny")
+    parent, rows = _fake_sweep(client, eid, "tiny-1", [(90.0, 40.0)])
+    import functools
+
+    # build_view no longer shrinks the view to the store's limit, so the store itself must refuse it
+    monkeypatch.setattr(mv, "build_view", functools.partial(mv.build_view, limit=10**7))
+    spec = _spec().model_copy(update={"space": {f"knob_{i:03d}_" + "x" * 200: {"kind": "uniform", "low": 0, "high": 1}
+                                                for i in range(120)}})
     with pytest.warns(UserWarning, match="write the saved view"):
-        assert mv.publish_sweep_view(client, "1", "p1", _spec(), rows, {"r1"}, 10.0, failed=0) is None
-    assert client.run_tags["r1"][mv.RUN_COLOR_TAG] == mv.FRONT_COLOR  # the other steps still ran
-    note = client.run_tags["p1"][mv.NOTE_TAG]
-    assert "viewStateShareKey" not in note and "trial-1" in note  # no link to a view that was not written
-    assert mv.VIEW_ID_TAG not in client.run_tags["p1"]
+        assert mv.publish_sweep_view(client, eid, parent, spec, rows, {rows[0]["run_id"]}, 10.0, failed=0) is None
+    assert not [k for k in client.get_experiment(eid).tags if k.startswith(mv.VIEW_TAG_PREFIX)]
+    assert client.get_run(rows[0]["run_id"]).data.tags[mv.RUN_COLOR_TAG] == mv.FRONT_COLOR  # the other steps still ran
+    tags = client.get_run(parent).data.tags
+    assert "viewStateShareKey" not in tags[mv.NOTE_TAG] and "trial-0" in tags[mv.NOTE_TAG]
+    assert mv.VIEW_ID_TAG not in tags
 
 
 def test_description_stays_under_the_run_tag_limit():
