@@ -148,6 +148,9 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
     import ray
 
     _check_reachable(address or os.environ.get("RAY_ADDRESS"))
+    # On a cold cache this is minutes of silence otherwise (data wheels, backbone features, teacher fine-tune).
+    print(f"{sweep_name}: preparing shared artifacts (data splits, backbone features, teacher logits; "
+          "cached after the first run) and starting Ray", file=sys.stderr, flush=True)
     # Ray's start-up (~3 s here) runs beside the driver's own preparation, which mostly waits on
     # imports and disk: the shared artifacts (once, here; every trial then loads them from the
     # cache) and the MLflow store (a fresh sqlite db migrates its schema for ~1.4 s).

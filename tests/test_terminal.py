@@ -86,3 +86,18 @@ def test_second_ctrl_c_exits_at_once_and_still_closes_the_parent(tmp_path, tiny_
     assert parent.info.status == "KILLED" and parent.data.tags["interrupted"] == "true"
     assert "Ctrl-C twice" in parent.data.tags["failure"]  # the second press cut the graceful stop short
     assert children and not [c for c in children if c.info.status == "RUNNING"]
+
+
+def test_the_default_sweep_in_a_terminal(tmp_path):
+    """The main job as the README's first command runs it (default spec: 24 trials on the embedded
+    `safety` data and real MiniLM), to the end: live view shown, exit 0, parent FINISHED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    term = Terminal([str(BIN), "sweep", "--tracking-uri", uri, "--storage", str(tmp_path / "runs")], cwd=tmp_path)
+    rc = term.wait(timeout=1500)  # a fresh machine downloads the data wheels and fine-tunes the teacher first
+    screen = term.output
+    assert rc == 0, screen[-3000:]
+    assert re.search(r"sweep pareto: \d+/24 done", screen) and "24 finished, 0 failed" in screen, screen[-3000:]
+    assert "preparing shared artifacts" in screen
+    client, parents, children = runs_of(uri, "pareto")
+    assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 24
+    assert all(0 <= c.data.metrics["kd_alignment"] <= 100 for c in children)
