@@ -41,6 +41,7 @@ def spec_dict(smoke: bool, work: Path, name: str, trials: int, concurrency: int,
     spec["train"] = deep_merge(spec.get("train", {}), base_train(smoke, work))
     if smoke:
         spec["space"]["budget_steps"] = {"kind": "choice", "values": [8, 12]}
+        spec["train"].pop("budget_steps")  # searched: a fixed value too is refused (it was silently overridden)
         spec["train"]["checkpoint_every"] = 4
     if torch_trainer:
         # 0.5 CPU per worker: with 1 CPU each, 2 workers + the trial's 0.01 CPU exceed a 2-CPU node

@@ -146,3 +146,21 @@ def test_resume_refuses_an_edited_spec_and_grows_only_with_trials(tmp_path, tiny
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert_study_agrees_with_mlflow(uri, "grow", 3, OBJ)
     assert json.loads((sweep_dir / "alignsweep-sweep.json").read_text())["trials"] == 3
+
+
+# -- item 6: user data that cannot work, through a sweep ---------------------------------------------
+
+
+@pytest.mark.parametrize("content, encoding, named", [
+    ("text,label\n" + "".join(f"note number {i},a\n" for i in range(60)), "utf-8", "1 class"),
+    ("text,label\n" + "".join(f"note {i},{i % 2}\n" for i in range(6)), "utf-8", "data"),
+    ("text,label\n" + "".join(f"caf\u00e9 cr\u00e8me {i},{i % 2}\n" for i in range(60)), "latin-1", "data.encoding"),
+])
+def test_a_sweep_on_unusable_data_is_refused_before_ray_and_mlflow(tmp_path, tiny_backbone, content, encoding, named):
+    data_file = tmp_path / "mine.csv"
+    data_file.write_bytes(content.encode(encoding))
+    spec = write_spec(tmp_path, tiny_backbone, str(data_file), name="mydata")
+    out, uri = sweep(tmp_path, spec)
+    refused(out, "mine.csv", named)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "cache" / "features").exists()  # nothing computed either

@@ -45,10 +45,10 @@ def test_sweep_in_a_terminal_shows_the_live_view_and_finishes(tmp_path, tiny_bac
 
 
 def test_ctrl_c_stops_cleanly_and_resume_finishes_with_the_study_intact(tmp_path, tiny_backbone, toy_csv):
-    spec = _spec(tmp_path, tiny_backbone, toy_csv, "ctrlc", trials=6, steps=400)
+    spec = _spec(tmp_path, tiny_backbone, toy_csv, "ctrlc", trials=5, steps=300)
     term = _in_terminal(tmp_path, spec)
     db = tmp_path / "mlflow.db"
-    assert wait_for(lambda: children_with_status(db, "FINISHED") >= 2 or term.proc.poll() is not None, timeout=400)
+    assert wait_for(lambda: children_with_status(db, "FINISHED") >= 1 or term.proc.poll() is not None, timeout=400)
     assert term.proc.poll() is None, "the sweep ended before Ctrl-C\n" + term.output[-2000:]
     term.press_ctrl_c()
     rc = term.wait(timeout=300)
@@ -64,11 +64,11 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_with_the_study_intact(tmp_path
     assert parent.info.status == "KILLED" and parent.data.tags["interrupted"] == "true"
     assert "--resume" in parent.data.tags["failure"]
     assert not [c for c in children if c.info.status == "RUNNING"]  # stopped trials' runs are closed
-    assert 2 <= sum(c.info.status == "FINISHED" for c in children) < 6
+    assert 1 <= sum(c.info.status == "FINISHED" for c in children) < 5
 
     out, _ = sweep(tmp_path, spec, "--resume")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert_study_agrees_with_mlflow(uri, "ctrlc", 6, OBJ)
+    assert_study_agrees_with_mlflow(uri, "ctrlc", 5, OBJ)
 
 
 def test_second_ctrl_c_exits_at_once_and_still_closes_the_parent(tmp_path, tiny_backbone, toy_csv):
