@@ -297,12 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(err, click.ClickException):
+    except Exception as err:  # usage errors (typer's own click) carry their own exit code (2)
+        if isinstance(err, typer.TyperException) and hasattr(err, "show"):
             err.show()
-            return err.exit_code
+            return getattr(err, "exit_code", 2)
         from sweeps import StartupError
 
         if isinstance(err, StartupError):

@@ -71,3 +71,17 @@ def test_safety_end_to_end_on_real_minilm(tmp_path):
     m = json.loads(out.stdout)
     assert m["teacher_agreement"] > 50.0 and m["accuracy"] > 60.0  # real signal, not chance
     assert 0.0 <= m["attack_success_rate"] <= 100.0 and "hard_accuracy" in m
+
+
+@pytest.mark.parametrize("args, named", [
+    (["sweep", "--trials", "0"], "'--trials'"),
+    (["sweep", "--trails", "4"], "--trails"),
+    (["sweep", "--concurrency", "x"], "'--concurrency'"),
+    (["nonsense"], "'nonsense'"),
+])
+def test_usage_errors_exit_2_without_a_traceback(args, named, tmp_path):
+    """Typer brings its own copy of click: its usage errors once escaped as a traceback, exit 1."""
+    out = subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert named in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "mlflow.db").exists()
