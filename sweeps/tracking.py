@@ -156,10 +156,13 @@ def log_batch(mc, run_id: str, metrics: dict[str, float] | None = None, step: in
 # -- the driver side --------------------------------------------------------------------------
 
 
-def start_parent(uri: str, experiment_id: str, spec, sweep_path: str, dataset_hashes: list[str],
+def start_parent(uri: str, experiment_id: str, spec, sweep_path: str, dataset_cards: dict[str, dict],
                  tags: dict[str, str] | None = None) -> str:
     """The sweep's parent run, or the existing one for this sweep path when resuming (RUNNING
-    again, the previous stop's ``failure`` cleared). ``tags`` are set either way."""
+    again, the previous stop's ``failure`` cleared). ``tags`` are set either way.
+    ``dataset_cards`` (by dataset content hash) are logged as ``dataset_card-<hash>.json``: the
+    provenance of the data and, for user files, the class-id mapping of its labels."""
+    dataset_hashes = list(dataset_cards)
     mc = client(uri)
     tags = {**(tags or {}), "alignsweep.trials": str(spec.num_trials())}  # params are immutable; a resume may grow it
     found = mc.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_path}'", max_results=1)
@@ -178,6 +181,8 @@ def start_parent(uri: str, experiment_id: str, spec, sweep_path: str, dataset_ha
     params["space"] = json.dumps({k: d.model_dump(exclude_none=True) for k, d in spec.space.items()})
     log_batch(mc, run.info.run_id, params=params)
     mc.log_text(run.info.run_id, _yaml(spec), "spec.yaml")
+    for key, card in dataset_cards.items():
+        mc.log_text(run.info.run_id, json.dumps(card, indent=1, ensure_ascii=False, default=str), f"dataset_card-{key}.json")
     return run.info.run_id
 
 

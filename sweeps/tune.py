@@ -23,8 +23,9 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -154,20 +155,23 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
     # Ray's start-up (~3 s here) runs beside the driver's own preparation, which mostly waits on
     # imports and disk: the shared artifacts (once, here; every trial then loads them from the
     # cache) and the MLflow store (a fresh sqlite db migrates its schema for ~1.4 s).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        prepared = pool.submit(_prepare, spec, tracking_uri)
-        try:
-            local = _start_ray(address)
-            _check_fits(spec, local)
-            hashes = prepared.result()
-        except BaseException:
-            prepared.cancel()
-            ray.shutdown()
-            raise
+    prepared = _in_background(_prepare, spec, tracking_uri)
+    try:
+        local = _start_ray(address)
+        _check_fits(spec, local)
+        cards = prepared.result()
+    except BaseException as err:
+        ray.shutdown()
+        if isinstance(err, KeyboardInterrupt) and not prepared.done():
+            # Nothing is logged yet. A normal exit would kill the preparing thread inside torch at
+            # interpreter shutdown, which aborts the process with a C++ stack trace (seen here).
+            print("interrupted while preparing shared artifacts; nothing was logged", file=sys.stderr, flush=True)
+            os._exit(130)
+        raise
     parent_id = experiment_id = None
     try:
         experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment_name)
-        parent_id = tracking.start_parent(tracking_uri, experiment_id, spec, sweep_path, hashes,
+        parent_id = tracking.start_parent(tracking_uri, experiment_id, spec, sweep_path, cards,
                                           tags={"alignsweep.spec_hash": spec_hash(spec), "optuna_storage": journal,
                                                 "optuna_study": sweep_name,
                                                 **({"optuna_storage_mirror": f"{sweep_path}/{Path(journal).name}"}
@@ -327,13 +331,34 @@ def _download_journal(fs, sweep_dir: str, local: str) -> None:
         dst.write(src.read())
 
 
-def _prepare(spec: SweepSpec, tracking_uri: str) -> list[str]:
-    """The shared artifacts' content hashes, and an initialised MLflow store (nothing logged yet)."""
+def _in_background(fn, *args) -> Future:
+    """``fn(*args)`` on a daemon thread. Not a ThreadPoolExecutor: its threads are joined at exit,
+    so a Ctrl-C during a cold-cache preparation (minutes of teacher fine-tuning) would wait for it.
+    The cache is written atomically (temp file, then rename), so an abandoned one leaves nothing
+    half-written."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="alignsweep-prepare", daemon=True).start()
+    return future
+
+
+def _prepare(spec: SweepSpec, tracking_uri: str) -> dict[str, dict]:
+    """The shared artifacts' dataset cards by content hash, and an initialised MLflow store
+    (nothing logged yet)."""
     from trainable.loop import prepare_artifacts
 
-    hashes = sorted({prepare_artifacts(cfg).key for cfg in spec.artifact_variants()})
+    cards = {}
+    for cfg in spec.artifact_variants():
+        art = prepare_artifacts(cfg)
+        cards[art.key] = art.splits.card
     tracking.open_store(tracking_uri)
-    return hashes
+    return dict(sorted(cards.items()))
 
 
 def _start_ray(address: str | None) -> bool:

@@ -92,6 +92,10 @@ def test_four_trial_sweep_nests_runs_and_tags_the_front(tmp_path, tiny_backbone,
     assert parent.data.metrics["hypervolume"] == pytest.approx(hv)
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pareto_front.csv", "pareto_front.json", "pareto.png", "pareto.html", "spec.yaml"} <= arts
+    card_name = f"dataset_card-{parent.data.tags['dataset_hash']}.json"
+    assert card_name in arts  # the toy CSV's string labels and their class ids, on the run
+    card = json.loads(Path(client.download_artifacts(parent.info.run_id, card_name, str(tmp_path))).read_text())
+    assert card["label_mapping"] == {"0": "benign", "1": "harmful"}
     front_json = json.loads(client.download_artifacts(parent.info.run_id, "pareto_front.json", str(tmp_path)) and
                             Path(tmp_path / "pareto_front.json").read_text())
     assert len(front_json["front"]) == int(mask.sum())

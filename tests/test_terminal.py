@@ -101,3 +101,21 @@ def test_the_default_sweep_in_a_terminal(tmp_path):
     client, parents, children = runs_of(uri, "pareto")
     assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 24
     assert all(0 <= c.data.metrics["kd_alignment"] <= 100 for c in children)
+
+
+def test_ctrl_c_while_preparing_exits_at_once_and_logs_nothing(tmp_path, tiny_backbone, toy_csv):
+    """A cold cache means minutes of preparation (here: a teacher fine-tuned for 2,000 epochs)."""
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="cold")
+    raw = yaml.safe_load(spec.read_text())
+    raw["train"]["teacher"]["epochs"] = 2000
+    spec.write_text(yaml.safe_dump(raw))
+    term = _in_terminal(tmp_path, spec)
+    assert wait_for(lambda: "preparing shared artifacts" in term.output, timeout=120)
+    assert wait_for(lambda: (tmp_path / "cache" / "features").exists(), timeout=120)  # the teacher is next
+    term.press_ctrl_c()
+    rc = term.wait(timeout=30)
+    screen = term.output
+    assert rc == 130, screen[-3000:]
+    assert "interrupted while preparing shared artifacts; nothing was logged" in screen
+    assert "Traceback" not in screen and "Stack trace" not in screen and "Aborted" not in screen
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache" / "teacher").exists()
