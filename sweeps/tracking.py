@@ -129,12 +129,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: MLflow params, and the field-by-field spec comparison of a resume."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
+            out.update(flatten(v, f"{key}."))
         else:
             out[key] = v
     return out
@@ -177,7 +178,7 @@ def start_parent(uri: str, experiment_id: str, spec, sweep_path: str, dataset_ca
                         tags={SWEEP_TAG: sweep_path, "alignsweep.spec": spec.name, "git_sha": git_sha(),
                               "dataset_hash": ",".join(dataset_hashes), **versions(), **tags})
     params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
-              for k, v in _flatten(spec.model_dump(exclude={"space"})).items()}
+              for k, v in flatten(spec.model_dump(exclude={"space"})).items()}
     params["space"] = json.dumps({k: d.model_dump(exclude_none=True) for k, d in spec.space.items()})
     log_batch(mc, run.info.run_id, params=params)
     mc.log_text(run.info.run_id, _yaml(spec), "spec.yaml")
@@ -258,7 +259,7 @@ class TrialLogger:
         run = mc.create_run(self.experiment_id, run_name=self.trial_name,
                                 tags={PARENT_TAG: self.parent_id, TRIAL_TAG: self.trial_id})
         self.run_id = run.info.run_id
-        log_batch(mc, self.run_id, params=_flatten(params))
+        log_batch(mc, self.run_id, params=flatten(params))
         return None
 
     def tag(self, **tags: str) -> None:

@@ -78,19 +78,10 @@ def spec_hash(spec: SweepSpec) -> str:
     return hashlib.sha256(json.dumps(spec_fields(spec), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def resumed_spec(spec: SweepSpec, record: dict[str, Any], trials: int | None) -> SweepSpec:
     """The spec a resume runs: refuse any change since the sweep started, except a larger
     explicit ``--trials``. Without ``--trials`` the sweep keeps the count it was started with."""
-    before, now = _flat(record["spec"]), _flat(spec_fields(spec))
+    before, now = tracking.flatten(record["spec"]), tracking.flatten(spec_fields(spec))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k, "<unset>") != now.get(k, "<unset>"))
     if changed:
         shown = ", ".join(f"{k} ({before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r})" for k in changed[:6])
