@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from trainable import backbone as bb
 from trainable.config import TrainConfig, deep_merge
 from trainable.loop import Diverged, prepare_artifacts, train_loop
 from trainable.backbone import CACHE_STATS
@@ -109,11 +110,40 @@ def test_final_checkpoint_holds_per_item_outcomes_that_reproduce_the_metrics(tin
     rec = Recorder()
     final = train_loop(_cfg(tiny_overrides, budget_steps=4), rec, checkpoint_root=tmp_path)
     items = json.loads((rec.checkpoints[-1] / "eval_items.json").read_text())
-    again = item_metrics(items, items["label_names"])
-    assert again.keys() == final.keys()
-    for k in final:
-        assert again[k] == pytest.approx(final[k], abs=1e-9)
+    again = item_metrics(items, items["label_names"])  # the items are test's: they give the test_* metrics
+    assert {f"test_{k}" for k in again} == {k for k in final if k.startswith("test_")}
+    for k in again:
+        assert again[k] == pytest.approx(final[f"test_{k}"], abs=1e-9)
     assert len(items["y"]) == len(items["js"]) == len(items["pred_attacked"])
+
+
+def test_validation_under_plain_names_test_under_test_names_and_rungs_report_validation(tiny_overrides, tmp_path):
+    """The searcher's metrics are validation's; test is the report; eval_at adds validation mid-training."""
+    from trainable.loop import evaluate_split
+
+    cfg = _cfg(tiny_overrides, budget_steps=6)
+    art = prepare_artifacts(cfg)
+    assert len(art.inputs["val_noisy"]["features"]) == len(art.labels["val"])
+    assert art.splits.texts["val"] != art.splits.texts["test"]
+    rec = Recorder()
+    final = train_loop(cfg, rec, artifacts=art, eval_at=[2, 4, 6, 9])
+    plain = {k for k in final if not k.startswith("test_") and k in ("accuracy", "kd_alignment", "noise_robustness",
+                                                                      "alignment_stability", "noisy_text_accuracy")}
+    assert len(plain) == 5 and all(f"test_{k}" in final for k in plain)
+    assert any(final[k] != final[f"test_{k}"] for k in plain)  # two different splits
+    # a rung at or past the budget is no rung: the final evaluation is the trial's last word
+    rungs = [m for m in rec.metrics if "kd_alignment" in m and m["step"] < 6]
+    assert [m["step"] for m in rungs] == [2, 4]
+    assert all("test_kd_alignment" not in m for m in rungs)  # rungs never look at test
+
+    # the final validation numbers are validation's: re-evaluating the trained head on val gives them
+    ckpt_rec = Recorder()
+    train_loop(cfg, ckpt_rec, artifacts=art, checkpoint_root=tmp_path)
+    student = bb.build_student(cfg.head, cfg.head_hidden, art.inputs["train"]["features"].shape[1],
+                               art.splits.num_classes, None, cfg.lora_rank)
+    student.load_trainable_state(torch.load(ckpt_rec.checkpoints[-1] / "state.pt", weights_only=True)["student"])
+    again, _ = evaluate_split(student, art, "val", cfg, "cpu")
+    assert again["kd_alignment"] == pytest.approx(final["kd_alignment"], abs=1e-6)
 
 
 def test_label_noise_levels_share_features_and_teacher(tiny_overrides):

@@ -67,7 +67,7 @@ def test_non_safety_labels_have_no_safety_metrics():
 
 
 def test_item_metrics_on_a_resample_equals_metrics_of_the_subset():
-    from trainable.metrics import item_metrics, test_items
+    from trainable.metrics import item_metrics, split_items
 
     g = torch.Generator().manual_seed(0)
     n = 50
@@ -75,7 +75,7 @@ def test_item_metrics_on_a_resample_equals_metrics_of_the_subset():
     pred, att, noisy = (torch.randint(0, 2, (n,), generator=g) for _ in range(3))
     p_s, p_t = torch.rand(n, 2, generator=g).softmax(-1), torch.rand(n, 2, generator=g).softmax(-1)
     hard = torch.rand(n, generator=g) < 0.3
-    items = test_items(pred, att, noisy, y, p_s, p_t, hard)
+    items = split_items(pred, att, noisy, y, p_s, p_t, hard)
     idx = torch.randint(0, n, (n,), generator=g)
     direct = classification_metrics(pred[idx], att[idx], noisy[idx], y[idx], p_s[idx], p_t[idx], LABELS, hard[idx])
     assert item_metrics(items, LABELS, idx) == pytest.approx(direct)

@@ -90,7 +90,7 @@ WHEELS = {w.name: w for w in (  # DESIGN §5: sha256 as served by the registry
 
 @dataclass(frozen=True)
 class TextSplits:
-    """Texts and per-item labels/sources/hard flags of train, val, test (+ test_noisy texts)."""
+    """Texts and per-item labels/sources/hard flags of train, val, test (+ val_noisy, test_noisy texts)."""
 
     name: str
     label_names: list[str]
@@ -618,7 +618,7 @@ def _check_split_sizes(parts: dict[str, list[int]], labels: list[int], label_nam
 
 
 def load_splits(cfg: DataConfig, cache_dir: Path, teacher_column: str | None = None) -> TextSplits:
-    """Train/val/test (+ the noisy test copy) for a DataConfig; the recipe itself comes from the cache.
+    """Train/val/test (+ the noisy val and test copies) for a DataConfig; the recipe itself comes from the cache.
 
     Data that cannot work is a ConfigError before anything is computed: an unreadable file, fewer
     than two classes, splits below MIN_EVAL_ITEMS. User rows with an empty text or a missing label
@@ -642,7 +642,8 @@ def load_splits(cfg: DataConfig, cache_dir: Path, teacher_column: str | None = N
     clean_train = list(labels["train"])
     if cfg.label_noise > 0:
         labels["train"] = flip_labels(labels["train"], cfg.label_noise, len(label_names), cfg.split_seed)
-    texts["test_noisy"] = [_noisy(t, cfg.text_noise) for t in texts["test"]]
+    for split in ("val", "test"):  # the noisy-text copy of each evaluated split (DESIGN §4)
+        texts[f"{split}_noisy"] = [_noisy(t, cfg.text_noise) for t in texts[split]]
     sources = {k: [items[i]["source"] for i in parts[k]] for k in SPLITS}
     hard = {k: [bool(items[i]["hard"]) for i in parts[k]] for k in SPLITS}
     teacher = {k: [items[i]["teacher"] for i in parts[k]] for k in SPLITS} if teacher_column else None

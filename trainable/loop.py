@@ -12,7 +12,9 @@ Features:
 - inputs that cannot work (``validate_inputs``) refused with a ConfigError before any feature;
 - data parallel across processes when torch.distributed is initialised (Ray Train
   TorchTrainer): each rank takes a slice of the batch and gradients are averaged;
-- a non-finite loss term raises ``Diverged`` naming the step and the term.
+- a non-finite loss term raises ``Diverged`` naming the step and the term;
+- the fixed evaluation (DESIGN §4) on validation, reported under the plain metric names (what a
+  searcher selects on, also at early-stopping rungs), and on test as ``test_<name>`` (the report).
 
 It knows nothing of Ray Tune or MLflow: progress and checkpoints go through
 ``report(metrics, checkpoint=None)``, which the caller provides.
@@ -24,7 +26,7 @@ import contextlib
 import json
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +85,8 @@ def prepare_artifacts(config: TrainConfig, device: str = "cpu") -> Artifacts:
             inputs[split].update(bb.tokenize(tokenizer, texts, config.data.max_len))
     z_t = teacher_logits(config, splits.texts, splits.clean_train_labels, splits.num_classes, splits.teacher_column, device)
     labels = {s: torch.tensor(v) for s, v in splits.labels.items()}
-    labels["test_noisy"] = labels["test"]
+    for split in ("val", "test"):
+        labels[f"{split}_noisy"] = labels[split]
     return Artifacts(splits, inputs, z_t, labels)
 
 
@@ -184,8 +187,14 @@ def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimi
 
 
 def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | None = None,
-               checkpoint_root: str | Path | None = None, artifacts: Artifacts | None = None) -> dict[str, float]:
-    """Train one student; returns the final metrics.
+               checkpoint_root: str | Path | None = None, artifacts: Artifacts | None = None,
+               eval_at: Sequence[int] = ()) -> dict[str, float]:
+    """Train one student; returns the final metrics: every DESIGN §4 metric on validation under its
+    plain name (what a searcher selects on) and on test as ``test_<name>`` (the held-out report).
+
+    ``eval_at``: optimizer steps below ``budget_steps`` at which validation is also evaluated and
+    reported (``report({"step": s, **validation metrics})``): early-stopping rungs. Cheap on cached
+    features: one pass over the validation split, clean, attacked and noisy-text.
 
     ``report(metrics, checkpoint=None)`` must take what it keeps of a checkpoint before it returns
     (``tune.report`` / ``ray.train.report`` copy it into run storage): without ``checkpoint_root``
@@ -193,13 +202,23 @@ def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | No
     thousand-trial sweep does not fill the node's /tmp.
     """
     if checkpoint_root is not None:
-        return _train(config, report, resume_from, Path(checkpoint_root), artifacts)
+        return _train(config, report, resume_from, Path(checkpoint_root), artifacts, eval_at)
     with tempfile.TemporaryDirectory(prefix="alignsweep-ckpt-") as tmp:
-        return _train(config, report, resume_from, Path(tmp), artifacts)
+        return _train(config, report, resume_from, Path(tmp), artifacts, eval_at)
+
+
+def evaluate_split(student: bb.Student, art: Artifacts, split: str, config: TrainConfig,
+                   device: str) -> tuple[dict[str, float], dict[str, list]]:
+    """The fixed evaluation (DESIGN §4) of ``student`` on ``split`` ("val" or "test")."""
+    to_dev = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    hard = torch.tensor(art.splits.hard[split], device=device) if any(art.splits.hard.get(split, [])) else None
+    return evaluate(student, to_dev(art.inputs[split]), to_dev(art.inputs[f"{split}_noisy"]),
+                    art.labels[split].to(device), art.teacher[split].to(device), config.eval_attack,
+                    art.splits.label_names, hard)
 
 
 def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, ckpt_root: Path,
-           artifacts: Artifacts | None) -> dict[str, float]:
+           artifacts: Artifacts | None, eval_at: Sequence[int]) -> dict[str, float]:
     device = config.resolve_device()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     art = artifacts or prepare_artifacts(config, device)
@@ -225,6 +244,7 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
             set_rng_state(state["rng"])
         start = int(state["step"])
 
+    rungs = {s for s in eval_at if 0 < s < config.budget_steps}
     losses: dict[str, float] = {}
     for step in range(start, config.budget_steps):
         idx = batch_indices(len(y_train), config.batch_size, config.seed, step)[rank::world]
@@ -235,13 +255,14 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
             report({"step": done, **losses})
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.budget_steps:
             report({"step": done, **losses}, checkpoint=save_checkpoint(student, opt, done, ckpt_root, scaler))
+        if done in rungs:  # after the checkpoint: a trial stopped here still resumes from this step
+            report({"step": done, **evaluate_split(student, art, "val", config, device)[0]})
 
-    hard = torch.tensor(art.splits.hard["test"], device=device) if art.splits.hard.get("test") else None
-    final, items = evaluate(student, to_dev(art.inputs["test"]), to_dev(art.inputs["test_noisy"]),
-                            art.labels["test"].to(device), art.teacher["test"].to(device), config.eval_attack,
-                            art.splits.label_names, hard)
+    validation, _ = evaluate_split(student, art, "val", config, device)
+    test, items = evaluate_split(student, art, "test", config, device)
+    final = validation | {f"test_{k}": v for k, v in test.items()}
     final_ckpt = save_checkpoint(student, opt, config.budget_steps, ckpt_root, scaler)
-    # Per-item outcomes beside the weights: figures bootstrap over test items from them.
+    # Per-item test outcomes beside the weights: figures bootstrap test metrics over them.
     (final_ckpt / EVAL_ITEMS).write_text(json.dumps({"label_names": art.splits.label_names, **items}))
     report({"step": config.budget_steps, **losses, **final}, checkpoint=final_ckpt)
     return final

@@ -34,9 +34,10 @@ def kd_alignment(p_student: torch.Tensor, p_teacher: torch.Tensor) -> float:
     return 100.0 * (1.0 - js_divergence(p_student, p_teacher).double().mean().item() / math.log(2))
 
 
-def test_items(pred: torch.Tensor, pred_attacked: torch.Tensor, pred_noisy_text: torch.Tensor, y: torch.Tensor,
+def split_items(pred: torch.Tensor, pred_attacked: torch.Tensor, pred_noisy_text: torch.Tensor, y: torch.Tensor,
                p_student: torch.Tensor, p_teacher: torch.Tensor, hard: torch.Tensor | None = None) -> dict[str, list]:
-    """Per-test-item outcomes, the raw material of every metric (and of bootstrap CIs over items)."""
+    """Per-item outcomes on one evaluated split, the raw material of every metric (and of bootstrap CIs
+    over items)."""
     n = len(y)
     return {
         "y": y.tolist(),
@@ -91,7 +92,7 @@ def classification_metrics(pred: torch.Tensor, pred_attacked: torch.Tensor, pred
                            y: torch.Tensor, p_student: torch.Tensor, p_teacher: torch.Tensor,
                            label_names: list[str], hard: torch.Tensor | None = None) -> dict[str, float]:
     """Every DESIGN §4 metric from predictions; pure, so it can be checked on hand-built cases."""
-    return item_metrics(test_items(pred, pred_attacked, pred_noisy_text, y, p_student, p_teacher, hard), label_names)
+    return item_metrics(split_items(pred, pred_attacked, pred_noisy_text, y, p_student, p_teacher, hard), label_names)
 
 
 def attacked_logits(student, batch: dict[str, torch.Tensor], y: torch.Tensor, attack: EvalAttackConfig) -> torch.Tensor:
@@ -107,20 +108,22 @@ def attacked_logits(student, batch: dict[str, torch.Tensor], y: torch.Tensor, at
         return student.classify(rep + delta, batch, attack.space)
 
 
-def evaluate(student, test: dict[str, torch.Tensor], test_noisy: dict[str, torch.Tensor], y: torch.Tensor,
+def evaluate(student, clean: dict[str, torch.Tensor], noisy_text: dict[str, torch.Tensor], y: torch.Tensor,
              z_teacher: torch.Tensor, attack: EvalAttackConfig, label_names: list[str],
              hard: torch.Tensor | None = None, batch_size: int = 256) -> tuple[dict[str, float], dict[str, list]]:
-    """Run the student on the clean, attacked and noisy-text test sets: (metrics, per-item outcomes)."""
+    """Run the student on one split's clean, attacked and noisy-text inputs: (metrics, per-item outcomes).
+
+    The same function for validation (what the searcher selects on) and test (the report)."""
     student.eval()
     logits, attacked, noisy = [], [], []
     for i in range(0, len(y), batch_size):
-        part = {k: v[i : i + batch_size] for k, v in test.items()}
+        part = {k: v[i : i + batch_size] for k, v in clean.items()}
         with torch.no_grad():
             logits.append(student(part).float())
-            noisy.append(student({k: v[i : i + batch_size] for k, v in test_noisy.items()}).float())
+            noisy.append(student({k: v[i : i + batch_size] for k, v in noisy_text.items()}).float())
         attacked.append(attacked_logits(student, part, y[i : i + batch_size], attack).float())
     z = torch.cat(logits)
-    items = test_items(z.argmax(-1).cpu(), torch.cat(attacked).argmax(-1).cpu(), torch.cat(noisy).argmax(-1).cpu(),
-                       y.cpu(), z.softmax(-1).cpu(), z_teacher.float().softmax(-1).cpu(),
-                       hard.cpu() if hard is not None else None)
+    items = split_items(z.argmax(-1).cpu(), torch.cat(attacked).argmax(-1).cpu(), torch.cat(noisy).argmax(-1).cpu(),
+                        y.cpu(), z.softmax(-1).cpu(), z_teacher.float().softmax(-1).cpu(),
+                        hard.cpu() if hard is not None else None)
     return item_metrics(items, label_names), items
