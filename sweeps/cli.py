@@ -24,15 +24,25 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a f
 
 
 def _print_metrics(metrics: dict[str, float], title: str) -> None:
+    """The DESIGN §4 metrics on validation and test side by side, then the last step's loss terms."""
     from rich.console import Console
     from rich.table import Table
 
+    from sweeps.spec import TEST_PREFIX
+
     table = Table(title=title)
     table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    table.add_column("validation", justify="right")
+    table.add_column("test", justify="right")
+    evaluated = [k for k in metrics if f"{TEST_PREFIX}{k}" in metrics]
+    for key in evaluated:
+        table.add_row(key, f"{metrics[key]:.2f}", f"{metrics[TEST_PREFIX + key]:.2f}")
+    console = Console()
+    console.print(table)
+    rest = {k: v for k, v in metrics.items() if k not in evaluated and not k.startswith(TEST_PREFIX)}
+    if rest:
+        console.print("last step: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in rest.items()))
 
 
 @app.command()
@@ -116,9 +126,13 @@ def sweep(
 
     result = run_sweep(sweep_spec, uri, storage=storage, address=address, resume=resume, trials=trials)
     _print_front(result.front, sweep_spec.metrics, list(sweep_spec.space),
-                 f"{sweep_spec.name}: Pareto front ({len(result.front)} of {result.finished} finished trials)")
-    print(f"trials: {result.finished} finished, {result.failed} failed, {result.killed} killed; "
-          f"hypervolume {result.hypervolume:.1f}; wall {result.wall_s:.0f}s")
+                 f"{sweep_spec.name}: Pareto front ({len(result.front)} of {result.finished} finished trials; "
+                 "chosen on validation, reported on test)")
+    pruned = f", {result.pruned} stopped early" if sweep_spec.scheduler.kind != "fifo" else ""
+    print(f"trials: {result.finished} finished{pruned}, {result.failed} failed, {result.killed} killed; "
+          f"hypervolume {result.hypervolume:.1f} ({result.hypervolume_normalised:.1%} of the box beyond the "
+          f"reference {[round(v, 1) for v in result.reference]}), on test {result.test_hypervolume:.1f}; "
+          f"wall {result.wall_s:.0f}s")
     print(f"MLflow: experiment '{sweep_spec.experiment_name}', parent run {result.parent_run_id} at {uri}")
     print(f"open the UI: alignsweep ui --tracking-uri {uri}")
     if result.interrupted:
@@ -126,20 +140,27 @@ def sweep(
         print(f"interrupted: continue with `alignsweep {again} --resume`", file=sys.stderr)
         raise typer.Exit(130)
     # KILLED runs are trials a killed driver left behind (re-run on --resume): not failures of this sweep
-    if result.failed or result.finished < result.trials:
+    if result.failed or result.finished + result.pruned < result.trials:
         raise typer.Exit(1)
 
 
 def _print_front(rows: list[dict], metrics: list[str], params: list[str], title: str) -> None:
+    """The front: each objective on test (the report), then on validation (what selected it)."""
     from rich.console import Console
     from rich.table import Table
 
+    from sweeps.spec import test_metric
+
+    columns = [c for m in metrics for c in (test_metric(m), m)]
     table = Table(title=title)
-    for col in ["run", *metrics, *params]:
-        table.add_column(col, justify="left" if col == "run" else "right")
+    table.add_column("run", justify="left")
+    for col in columns:
+        table.add_column(f"{col.removeprefix('test_')} (test)" if col.startswith("test_") else f"{col} (val)", justify="right")
+    for col in params:
+        table.add_column(col, justify="right")
     for row in rows:
         cells = [str(row.get("run_name", ""))]
-        for col in [*metrics, *params]:
+        for col in [*columns, *params]:
             v = row.get(col)
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         table.add_row(*cells)
@@ -189,7 +210,9 @@ def pareto_cmd(
     if fmt == "json":
         print(json.dumps(info, indent=2, default=str))
         return
-    cols = ["run_name", *info["objectives"], *info["params"]]
+    from sweeps.spec import test_metric
+
+    cols = ["run_name", *(c for m in info["objectives"] for c in (test_metric(m), m)), *info["params"]]
     if fmt == "csv":
         import csv
 
@@ -199,7 +222,8 @@ def pareto_cmd(
             w.writerow(row)
         return
     _print_front(info["front"], info["objectives"], info["params"],
-                 f"{experiment}: Pareto front of run {info['parent_run_id']} (hypervolume {info['hypervolume']:.1f})")
+                 f"{experiment}: Pareto front of run {info['parent_run_id']}, chosen on validation, reported on test "
+                 f"(hypervolume {info['hypervolume']:.1f} on validation, {info['test_hypervolume']:.1f} on test)")
 
 
 @app.command()

@@ -290,13 +290,16 @@ def _shift_figure(trials: list[Trial], parent, out: Path, per_point: int) -> lis
 
 
 def _pareto_figure(uri: str, parent, trials: list[Trial], out: Path, baselines_experiment: str | None) -> list[Path]:
-    """Figure D: every trial, the front, and the baselines' mean points (with CIs) if a methods sweep exists."""
+    """Figure D: every trial and the front on test, the front chosen on validation as the sweep chose
+    it, and the baselines' mean test points (with CIs) if a methods sweep exists."""
     from sweeps import pareto
+    from sweeps.spec import test_metric
 
     objectives = json.loads(parent.data.params["objectives"])
     metrics, modes = [o["metric"] for o in objectives], [o["mode"] for o in objectives]
     rows = [{"run_id": t.run_id, **t.params, **t.metrics} for t in trials]
-    front = pareto.front_rows(rows, metrics, modes)
+    front = pareto.front_rows(rows, metrics, modes)  # chosen on validation ...
+    shown = [test_metric(m) for m in metrics]  # ... drawn on test
     base: dict[str, tuple[Estimate, Estimate]] = {}
     if baselines_experiment:
         try:
@@ -308,9 +311,10 @@ def _pareto_figure(uri: str, parent, trials: list[Trial], out: Path, baselines_e
             members = [t for t in members if t.params.get("data.name", "safety") == dataset]
             if members:
                 base[str(method)] = (bootstrap(members, metrics[0]), bootstrap(members, metrics[1]))
-    title = f"D: Pareto front of '{parent.info.run_name}' ({len(front)} of {len(rows)} trials) with baselines (mean, 95% CI)"
-    png = pareto.plot_png(rows, front, metrics, modes, out / "D_pareto.png", title)
-    html = pareto.plot_html(rows, front, metrics, modes, out / "D_pareto.html", title, [k for k in trials[0].params])
+    title = (f"D: Pareto front of '{parent.info.run_name}' ({len(front)} of {len(rows)} trials, chosen on validation) "
+             "on test, with baselines (mean, 95% CI)")
+    png = pareto.plot_png(rows, front, shown, modes, out / "D_pareto.png", title)
+    html = pareto.plot_html(rows, front, shown, modes, out / "D_pareto.html", title, [*metrics, *trials[0].params])
     if base:
         import matplotlib
 
@@ -319,12 +323,14 @@ def _pareto_figure(uri: str, parent, trials: list[Trial], out: Path, baselines_e
         import plotly.graph_objects as go
 
         fig, ax = plt.subplots(figsize=(6, 5))
-        ax.scatter([r[metrics[0]] for r in rows], [r[metrics[1]] for r in rows], c="lightgrey", label="trials")
-        ax.plot([r[metrics[0]] for r in front], [r[metrics[1]] for r in front], "o-", c="#d62728", label="front")
-        pfig = go.Figure([go.Scatter(x=[r[metrics[0]] for r in rows], y=[r[metrics[1]] for r in rows], mode="markers",
+        x, y = shown
+        front = sorted(front, key=lambda r: r[x])
+        ax.scatter([r[x] for r in rows], [r[y] for r in rows], c="lightgrey", label="trials")
+        ax.plot([r[x] for r in front], [r[y] for r in front], "o", c="#d62728", label="front (chosen on validation)")
+        pfig = go.Figure([go.Scatter(x=[r[x] for r in rows], y=[r[y] for r in rows], mode="markers",
                                      name="trials", marker={"color": "lightgrey"}),
-                          go.Scatter(x=[r[metrics[0]] for r in front], y=[r[metrics[1]] for r in front],
-                                     mode="lines+markers", name="front", marker={"color": "#d62728"})])
+                          go.Scatter(x=[r[x] for r in front], y=[r[y] for r in front],
+                                     mode="markers", name="front (chosen on validation)", marker={"color": "#d62728"})])
         for method, (ex, ey) in base.items():
             ax.errorbar([ex.mean], [ey.mean], xerr=[[ex.mean - ex.lo], [ex.hi - ex.mean]],
                         yerr=[[ey.mean - ey.lo], [ey.hi - ey.mean]], fmt="s", capsize=3, label=f"{method} (n={ex.runs})")
@@ -333,14 +339,14 @@ def _pareto_figure(uri: str, parent, trials: list[Trial], out: Path, baselines_e
                                       error_x={"type": "data", "symmetric": False, "array": [ex.hi - ex.mean], "arrayminus": [ex.mean - ex.lo]},
                                       error_y={"type": "data", "symmetric": False, "array": [ey.hi - ey.mean], "arrayminus": [ey.mean - ey.lo]}))
         for a, label in ((ax.set_xlabel, metrics[0]), (ax.set_ylabel, metrics[1])):
-            a(f"{label} (0-100, higher is better)")
+            a(f"{label} on test (0-100, higher is better)")
         ax.set_title(title, fontsize=8)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(png, dpi=110)
         plt.close(fig)
-        pfig.update_layout(title=title, xaxis_title=metrics[0], yaxis_title=metrics[1])
+        pfig.update_layout(title=title, xaxis_title=f"{metrics[0]} on test", yaxis_title=f"{metrics[1]} on test")
         pfig.write_html(html, include_plotlyjs=True, full_html=True)
     return [Path(png), Path(html)]
 

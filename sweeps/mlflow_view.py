@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from sweeps.pareto import FRONT_COLOR, TRIAL_COLOR, default_reference
+from sweeps.spec import test_metric
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ MAX_PAIR_SCATTERS = 6
 """With 3+ objectives: one scatter per pair of objectives, at most this many (4 objectives = 6 pairs)."""
 
 OTHER_COLOR = TRIAL_COLOR  # muted grey; FRONT_COLOR is the same red as pareto.png / pareto.html
+BASELINE_COLOR = "#1f77b4"  # the plain-CE baseline run, the hypervolume reference: blue
 
 RunsHiddenMode = Literal["SHOW_ALL", "HIDE_ALL", "FIRST_10_RUNS", "FIRST_20_RUNS", "HIDE_FINISHED_RUNS", "CUSTOM"]
 SECTION_PARETO = "Pareto"
@@ -280,10 +282,14 @@ def _cell(v: Any) -> str:
 
 def describe_sweep(spec, experiment_id: str, view_id: str | None, view_name: str, rows: list[dict],
                    front_run_ids: set[str], hypervolume: float, failed: int, killed: int = 0,
-                   limit: int = MAX_NOTE_CHARS) -> str:
-    """Markdown for the parent run: spec, counts, hypervolume, link to the view, the front."""
+                   limit: int = MAX_NOTE_CHARS, reference: Sequence[float] | None = None,
+                   test_hypervolume: float | None = None) -> str:
+    """Markdown for the parent run: spec, counts, hypervolume, link to the view, the front (chosen
+    on validation; its table shows each objective on test, then on validation)."""
     objectives, modes, knobs = spec.metrics, spec.modes, list(spec.space)
-    ref = spec.reference or default_reference(modes)
+    ref = [round(v, 2) for v in reference] if reference is not None else (spec.reference or default_reference(modes))
+    columns = [c for o in objectives for c in (test_metric(o), o)]
+    on_test = f"; on test {test_hypervolume:.1f}" if test_hypervolume is not None else ""
     lines = [f"## Sweep `{spec.name}`", ""]
     if view_id:  # first: the UI folds a long description after a few lines
         lines += [f"**Saved view: [{view_name}]({view_fragment(experiment_id, view_id)})** (scatter of the objectives, "
@@ -299,13 +305,14 @@ def describe_sweep(spec, experiment_id: str, view_id: str | None, view_name: str
         return "\n".join(lines + [
             f"- **trials**: {len(rows)} finished, {failed} failed, {killed} killed (of {spec.num_trials()} planned)",
             "- **objectives**: " + ", ".join(f"`{o}` ({m})" for o, m in zip(objectives, modes)),
-            f"- **hypervolume**: {hypervolume:.1f} (reference {ref})",
+            f"- **hypervolume** (validation): {hypervolume:.1f} (reference {ref}){on_test}",
             f"- **sampler**: {spec.sampler.kind} (seed {spec.sampler.seed}); **searched**: "
             + (", ".join(f"`{k}`" for k in shown) or "nothing") + hidden,
             "- artifacts: `pareto.html` (interactive), `pareto.png`, `pareto_front.csv`/`.json`, `spec.yaml`",
-            "", f"### Pareto front ({len(front)} of {len(rows)} finished trials)", "",
-            "| trial | " + " | ".join(objectives + shown) + " |",
-            "|---" * (1 + len(objectives) + len(shown)) + "|"])
+            "", f"### Pareto front ({len(front)} of {len(rows)} finished trials; chosen on validation, "
+            "`test_*` columns are the held-out report)", "",
+            "| trial | " + " | ".join(columns + shown) + " |",
+            "|---" * (1 + len(columns) + len(shown)) + "|"])
 
     # Many long knob names: the table keeps the first knobs that leave room for the front's rows.
     shown = list(knobs)
@@ -315,7 +322,7 @@ def describe_sweep(spec, experiment_id: str, view_id: str | None, view_name: str
     knobs = shown  # the table's columns from here on
     for i, r in enumerate(front):
         link = f"[{_cell(r.get('run_name', r['run_id']))}](#/experiments/{experiment_id}/runs/{r['run_id']})"
-        row = "| " + " | ".join([link, *(_cell(r.get(k, "")) for k in objectives + knobs)]) + " |"
+        row = "| " + " | ".join([link, *(_cell(r.get(k, "")) for k in columns + knobs)]) + " |"
         more = f"\n\n... and {len(front) - i} more front trials: see `pareto_front.csv`"
         if len(text) + len(row) + 1 + len(more) > limit:
             return text + more
@@ -339,7 +346,8 @@ def _guard(what: str, fn, *args, **kwargs):
 
 def publish_sweep_view(client, experiment_id: str, parent_run_id: str, spec, rows: list[dict],
                        front_run_ids: set[str] | Sequence[str], hypervolume: float, failed: int,
-                       killed: int = 0, now_ms: int | None = None) -> str | None:
+                       killed: int = 0, now_ms: int | None = None, reference: Sequence[float] | None = None,
+                       test_hypervolume: float | None = None, baseline_run_id: str | None = None) -> str | None:
     """Dress the sweep for the MLflow UI. Returns the saved view's id, or ``None`` if it was not
     written. Each step is independent and degrades to a warning; this never raises."""
     try:
@@ -361,8 +369,10 @@ def publish_sweep_view(client, experiment_id: str, parent_run_id: str, spec, row
         for row in rows:
             color = FRONT_COLOR if row["run_id"] in front_ids else OTHER_COLOR
             _guard(f"colour run {row['run_id']}", client.set_tag, row["run_id"], RUN_COLOR_TAG, color)
+        if baseline_run_id:  # shown in the view's scatter too: where the reference point lies
+            _guard("colour the baseline run", client.set_tag, baseline_run_id, RUN_COLOR_TAG, BASELINE_COLOR)
         note = _guard("describe the sweep", describe_sweep, spec, experiment_id, written, name, rows,
-                      front_ids, hypervolume, failed, killed)
+                      front_ids, hypervolume, failed, killed, reference=reference, test_hypervolume=test_hypervolume)
         if note:
             _guard("write the parent description", client.set_tag, parent_run_id, NOTE_TAG, note)
         if written:

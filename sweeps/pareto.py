@@ -19,8 +19,8 @@ import numpy as np
 
 Direction = Literal["max", "min"]
 
-__all__ = ["Direction", "non_dominated", "hypervolume", "default_reference", "front_rows",
-           "plot_png", "plot_html"]
+__all__ = ["Direction", "non_dominated", "hypervolume", "default_reference", "ideal_point",
+           "normalised_hypervolume", "front_rows", "plot_png", "plot_html"]
 
 #: Keys shown first in hover text to identify a trial, when a row has them.
 _ID_KEYS = ("run_name", "trial_id", "run_id")
@@ -119,6 +119,20 @@ def default_reference(directions: Sequence[Direction], lower: float = 0.0,
     return [float(lower) if d == "max" else float(upper) for d in directions]
 
 
+def ideal_point(directions: Sequence[Direction], lower: float = 0.0, upper: float = 100.0) -> list[float]:
+    """The best possible value of each objective on 0..100 scales: ``upper`` for 'max', ``lower`` for 'min'."""
+    _signs(directions, len(directions))
+    return [float(upper) if d == "max" else float(lower) for d in directions]
+
+
+def normalised_hypervolume(volume: float, directions: Sequence[Direction], reference: Sequence[float]) -> float:
+    """``volume`` as a fraction of the box between ``reference`` and the ideal point: 1.0 is a front
+    at 100 on every maximised axis (0 on minimised ones); 0.0 is nothing beyond the reference.
+    NaN when the reference is the ideal point on some axis (the box is empty)."""
+    box = float(np.prod(np.abs(np.asarray(ideal_point(directions)) - np.asarray(reference, dtype=float))))
+    return volume / box if box > 0 else math.nan
+
+
 def _objective_value(row: dict, key: str) -> float | None:
     """The row's finite float value for ``key``, or None (missing, None, NaN, not a number)."""
     value = row.get(key)
@@ -189,7 +203,9 @@ def _staircase(xy: np.ndarray, directions: Sequence[Direction]) -> np.ndarray:
     if xy.shape[0] == 0:
         return xy.reshape(0, 2)
     signs = _signs(directions, 2)
-    pts = xy * signs
+    # a front chosen on validation and drawn on test may hold points dominated there: the
+    # boundary is that of the points that are not
+    pts = xy[non_dominated(xy, directions)] * signs
     pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
     verts = [pts[0]]
     for nxt in pts[1:]:

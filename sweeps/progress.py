@@ -10,11 +10,21 @@ import numpy as np
 from ray.tune import Callback
 
 from sweeps import pareto
+from sweeps.moasha import RUNG_STEP
 from sweeps.spec import SweepSpec
 
 
+def _outcome(result: dict) -> str:
+    """FINISHED or FAILED as the trial reported it; PRUNED when its last result was a rung (the
+    scheduler stopped it there); ERROR when it reported neither."""
+    if "trial_status" in result:
+        return result["trial_status"]
+    return "PRUNED" if RUNG_STEP in result else "ERROR"
+
+
 class SweepProgress(Callback):
-    """Done / running / failed, front size and hypervolume so far.
+    """Done (and of those, stopped early) / running / failed, front size and hypervolume so far
+    (on validation, against the sweep's reference).
 
     Counts come from Tune's trial list, so a resumed sweep shows the trials it restored. Tune
     pickles its callbacks with the RunConfig, and a ``rich.live.Live`` holds locks and a refresh
@@ -25,8 +35,9 @@ class SweepProgress(Callback):
     """Views showing now: a restored Tuner runs its own unpickled copy of this callback, and a second
     Ctrl-C skips Tune's cleanup, so the driver closes them all through :meth:`close_all`."""
 
-    def __init__(self, spec: SweepSpec, total: int):
+    def __init__(self, spec: SweepSpec, total: int, reference: list[float] | None = None):
         self.spec, self.total = spec, total
+        self.reference = reference or spec.reference or pareto.default_reference(spec.modes)
         self.started = time.monotonic()
         self.live = None
 
@@ -49,13 +60,16 @@ class SweepProgress(Callback):
         done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ending]
         results = [t.last_result or {} for t in done]
         ok = [r for r in results if r.get("trial_status") == "FINISHED"]
+        stopped = sum(_outcome(r) == "PRUNED" for r in results)
         running = sum(t.status == "RUNNING" and t is not ending for t in trials)
         pts = np.asarray([[r.get(m, math.nan) for m in spec.metrics] for r in ok], dtype=float).reshape(len(ok), len(spec.metrics))
-        ref = spec.reference or pareto.default_reference(spec.modes)
         front = int(pareto.non_dominated(pts, spec.modes).sum()) if len(ok) else 0
-        hv = pareto.hypervolume(pts, spec.modes, ref) if len(ok) else 0.0
-        head = f"{len(results)}/{self.total} done, {running} running, {len(results) - len(ok)} failed"
-        return head, f"front {front}, hypervolume {hv:.1f}, {time.monotonic() - self.started:.0f}s"
+        hv = pareto.hypervolume(pts, spec.modes, self.reference) if len(ok) else 0.0
+        share = pareto.normalised_hypervolume(hv, spec.modes, self.reference)
+        early = f" ({stopped} stopped early)" if stopped else ""
+        head = f"{len(results)}/{self.total} done{early}, {running} running, {len(results) - len(ok) - stopped} failed"
+        return head, f"front {front}, hypervolume {hv:.1f} ({share:.1%} of the box beyond the reference), " \
+                     f"{time.monotonic() - self.started:.0f}s"
 
     def _show(self, trials, line: str | None = None, ending=None) -> None:
         head, tail = self.summary(trials, ending)
@@ -74,7 +88,10 @@ class SweepProgress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
         vals = ", ".join(f"{m}={r[m]:.1f}" for m in self.spec.metrics if isinstance(r.get(m), (int, float)))
-        self._show(trials, f"{trial.trial_id} {r.get('trial_status', 'ERROR')} {vals}".rstrip(), trial)
+        outcome = _outcome(r)
+        if outcome == "PRUNED":
+            outcome = f"stopped at step {r[RUNG_STEP]}"
+        self._show(trials, f"{trial.trial_id} {outcome} {vals}".rstrip(), trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._show(trials, f"{trial.trial_id} ERROR", trial)

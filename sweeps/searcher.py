@@ -19,6 +19,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.moasha import RUNG_STEP
 from sweeps.spec import SweepSpec, nest
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,10 @@ class SweepSearcher(OptunaSearch):
        with ``num_samples=-1`` so that this count alone ends the sweep and can grow on resume.
     3. ``restore_from_dir`` takes the target trial count from the sweep record (``SWEEP_RECORD``)
        rather than from its own pickled state: ``--resume --trials N`` writes the record.
-    4. ``journal_mirror``: with object storage (s3://, gs://) the journal file lives on the
+    4. A trial an early-stopping scheduler stopped at a rung is told PRUNED, with its rung values
+       as user attrs: Ray's controller calls ``on_trial_complete`` with the rung result, which
+       OptunaSearch would tell COMPLETE with the truncated values (DESIGN §7).
+    5. ``journal_mirror``: with object storage (s3://, gs://) the journal file lives on the
        driver's disk and a copy rides in every searcher save, which Tune uploads beside the
        experiment state; a resubmitted job downloads it again (see sweeps.tune).
     """
@@ -85,6 +89,13 @@ class SweepSearcher(OptunaSearch):
             self._completed_trials.add(trial_id)  # told before a driver kill; resumed trial re-reported it
             return
         values = [None if not result else result.get(m) for m in self.metric]
+        if not error and result and RUNG_STEP in result and "trial_status" not in result:
+            self._completed_trials.add(trial_id)
+            step = int(result[RUNG_STEP])
+            ot_trial.set_user_attr("pruned_at_step", step)
+            ot_trial.set_user_attr(f"rung_{step}", values)
+            self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+            return
         if error or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             self._completed_trials.add(trial_id)
             try:

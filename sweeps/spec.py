@@ -43,6 +43,16 @@ def builtin_specs() -> list[str]:
 MINIMISED_METRICS = ("attack_success_rate",)
 """Metrics where lower is better; every other objective metric is maximised."""
 
+TEST_PREFIX = "test_"
+"""A metric's plain name is its value on validation, what the searcher selects on; ``test_<name>``
+is the same metric on the held-out test split, what the front, figures and comparisons report
+(DESIGN §4): selecting on test would bias the reported front upwards."""
+
+
+def test_metric(metric: str) -> str:
+    """The name under which a trial logs ``metric`` measured on test."""
+    return f"{TEST_PREFIX}{metric}"
+
 
 class Objective(StrictModel):
     metric: str
@@ -92,6 +102,20 @@ class Dimension(StrictModel):
         if self.kind == "int":
             return [int(self.low), int(self.high)]
         return [self.low, self.high]
+
+
+class Scheduler(StrictModel):
+    """When trials stop. ``fifo``: every trial runs its full budget. ``moasha``: multi-objective
+    asynchronous successive halving (sweeps/moasha.py): at rungs of absolute optimizer steps,
+    ``grace_steps * reduction_factor**k``, a trial reports its validation objectives and stops
+    unless it is in the top 1/reduction_factor of the trials recorded at that rung."""
+
+    kind: Literal["fifo", "moasha"] = "fifo"
+    grace_steps: int = Field(25, ge=1)
+    """The first rung, in optimizer steps."""
+    reduction_factor: float = Field(3.0, gt=1)
+    brackets: int = Field(1, ge=1)
+    """Bracket b starts its rungs at grace_steps * reduction_factor**b (trials spread by trial id)."""
 
 
 class Resources(StrictModel):
@@ -169,8 +193,10 @@ class SweepSpec(StrictModel):
     storage: str | None = None
     """Where Ray Tune keeps trial state and checkpoints (default ./runs); shared FS or S3 on a cluster."""
     max_failures: int = Field(1, ge=0)
+    scheduler: Scheduler = Scheduler()
     reference: list[float] | None = None
-    """Hypervolume reference point, one value per objective (default: worst end of 0..100)."""
+    """Hypervolume reference point, one value per objective. Default: the plain-CE baseline's
+    validation point, measured by the sweep itself before its trials (a ``role=baseline`` child run)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
@@ -187,6 +213,11 @@ class SweepSpec(StrictModel):
                 raise ValueError(f"sampler.kind=grid needs every space entry to be grid or choice; not: {', '.join(bad)}")
         elif any(d.kind == "grid" for d in self.space.values()):
             raise ValueError("space: kind=grid needs sampler.kind=grid (other samplers take choice)")
+        if self.scheduler.kind == "moasha" and self.resources.mode() == "torch_trainer":
+            # the Tune trial only waits on TorchTrainer.fit there: nothing reports at a rung to stop
+            raise ValueError("scheduler: kind=moasha stops in-process trials at rungs; resources.workers_per_trial="
+                             f"{self.resources.workers_per_trial} (launch {self.resources.mode()}) runs each trial "
+                             "in a TorchTrainer, which it cannot stop; allowed: kind=fifo, or one worker per trial")
         return self
 
     # -- derived ----------------------------------------------------------------------------
@@ -213,6 +244,11 @@ class SweepSpec(StrictModel):
         if self.trials is not None:
             return self.trials
         return self.grid_size() if self.sampler.kind == "grid" else 8
+
+    def baseline_config(self) -> TrainConfig:
+        """The plain-CE baseline at the sweep's fixed train config: its validation point is the
+        default hypervolume reference (DESIGN §4)."""
+        return build_config(TrainConfig, deep_merge(self.base_train(), {"method": "ce"}))
 
     def base_train(self) -> dict[str, Any]:
         """The fixed TrainConfig fields of every trial, with the sweep's eval attack."""

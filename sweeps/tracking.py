@@ -24,6 +24,11 @@ from trainable.config import ConfigError
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "tune_trial_id"
 SWEEP_TAG = "alignsweep.sweep_path"
+ROLE_TAG = "role"
+BASELINE = "baseline"
+"""``role=baseline``: the child run of the plain-CE baseline that sets the hypervolume reference;
+not one of the sweep's N trials, so every reader of trials skips it."""
+PRUNED_TAG = "pruned_at_step"
 STEP_METRICS = ("loss", "l_kd", "l_nr", "l_reg", "grad_norm")
 EVAL_ITEMS = "eval_items.json"  # written by trainable.loop beside the final checkpoint
 
@@ -193,16 +198,72 @@ def _yaml(spec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
-def child_runs(uri: str, experiment_id: str, parent_id: str) -> list:
+def child_runs(uri: str, experiment_id: str, parent_id: str, baseline: bool = False) -> list:
+    """The sweep's trial runs; with ``baseline=True`` also its ``role=baseline`` run."""
     mc = client(uri)
     runs, token = [], None
     while True:
         page = mc.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
                               max_results=1000, page_token=token)
-        runs.extend(page)
+        runs.extend(r for r in page if baseline or r.data.tags.get(ROLE_TAG) != BASELINE)
         token = page.token
         if not token:
             return runs
+
+
+def baseline_run(uri: str, experiment_id: str, parent_id: str):
+    """The sweep's FINISHED baseline run, or None."""
+    found = client(uri).search_runs([experiment_id], max_results=1, filter_string=(
+        f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE_TAG}` = '{BASELINE}' and attributes.status = 'FINISHED'"))
+    return found[0] if found else None
+
+
+def sweep_has_baseline(uri: str, experiment: str, sweep_path: str) -> bool:
+    """Whether the sweep at ``sweep_path`` (a resumed one) already measured its baseline."""
+    mc = client(uri)
+    exp = mc.get_experiment_by_name(experiment)
+    if exp is None:
+        return False
+    parents = mc.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_path}'", max_results=1)
+    return bool(parents) and baseline_run(uri, exp.experiment_id, parents[0].info.run_id) is not None
+
+
+def log_baseline(uri: str, experiment_id: str, parent_id: str, config, final: dict[str, float]) -> str:
+    """The plain-CE baseline as a FINISHED child run tagged ``role=baseline``: its params, its
+    validation metrics (plain names) and test metrics (``test_*``)."""
+    mc = client(uri)
+    run = mc.create_run(experiment_id, run_name="baseline-ce", tags={PARENT_TAG: parent_id, ROLE_TAG: BASELINE})
+    params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(config.model_dump()).items()}
+    log_batch(mc, run.info.run_id, metrics={k: v for k, v in final.items() if k != "step"}, step=config.budget_steps,
+              params=params)
+    mc.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id
+
+
+def mark_pruned(uri: str, experiment_id: str, parent_id: str, trial_id: str, step: int) -> None:
+    """The trial's run ends KILLED with ``pruned_at_step``: the scheduler stopped it at a rung."""
+    mc = client(uri)
+    found = mc.search_runs([experiment_id], max_results=1, filter_string=(
+        f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"))
+    if not found:
+        return
+    log_batch(mc, found[0].info.run_id, tags={PRUNED_TAG: str(step)})
+    mc.set_terminated(found[0].info.run_id, status="KILLED")
+
+
+def rung_history(uri: str, experiment_id: str, parent_id: str, metrics: list[str]) -> dict[str, dict[int, list[float]]]:
+    """What every trial of the sweep reported at early-stopping rungs, read back from its run:
+    trial id -> {step: objective values}. Tune keeps no scheduler state, so a resumed sweep
+    rebuilds its rung records from this. A trial's final evaluation is not a rung (it is logged
+    at its last step, which no rung reaches)."""
+    mc, out = client(uri), {}
+    for run in child_runs(uri, experiment_id, parent_id):
+        trial, last = run.data.tags.get(TRIAL_TAG), run.data.tags.get("final_step")
+        histories = [{m.step: m.value for m in mc.get_metric_history(run.info.run_id, name)} for name in metrics]
+        steps = set.intersection(*(set(h) for h in histories)) - ({int(last)} if last else set())
+        if trial and steps:
+            out[trial] = {s: [h[s] for h in histories] for s in sorted(steps)}
+    return out
 
 
 def close_orphans(uri: str, experiment_id: str, parent_id: str) -> int:
@@ -268,6 +329,12 @@ class TrialLogger:
     def __call__(self, metrics: dict[str, float], checkpoint: Path | None = None) -> None:
         step = int(metrics.get("step", 0))
         self._buffer.append((step, {k: v for k, v in metrics.items() if k in STEP_METRICS}))
+        evaluated = {k: v for k, v in metrics.items() if k not in STEP_METRICS and k != "step"}
+        if evaluated and checkpoint is None:
+            # a mid-training validation (an early-stopping rung): written now, before the scheduler
+            # can stop the trial, so a resumed sweep rebuilds its rung records from MLflow
+            self.flush()
+            log_batch(client(self.uri), self.run_id, metrics=evaluated, step=step)
         if checkpoint is not None:
             self.flush()
             items = Path(checkpoint) / EVAL_ITEMS
@@ -291,6 +358,7 @@ class TrialLogger:
         self.flush()
         mc = client(self.uri)
         tags = {"failure": reason[:5000]} if reason else {}
+        tags["final_step"] = str(step)
         log_batch(mc, self.run_id, metrics={k: v for k, v in (final or {}).items() if k not in STEP_METRICS and k != "step"},
                step=step, tags=tags)
         mc.set_terminated(self.run_id, status=status)
@@ -327,7 +395,8 @@ def latest_parent(uri: str, experiment: str):
 
 
 def latest_front(uri: str, experiment: str) -> dict[str, Any]:
-    """The front of the latest sweep, recomputed from its FINISHED child runs."""
+    """The front of the latest sweep, recomputed on validation from its FINISHED trial runs (each
+    row holds its ``test_*`` metrics too)."""
     from sweeps import pareto
 
     experiment_id, parent = latest_parent(uri, experiment)
@@ -336,5 +405,8 @@ def latest_front(uri: str, experiment: str) -> dict[str, Any]:
     params = list(json.loads(parent.data.params.get("space", "{}")))
     rows = [run_row(r) for r in child_runs(uri, experiment_id, parent.info.run_id) if r.info.status == "FINISHED"]
     front = pareto.front_rows(rows, metrics, modes)
+    m = parent.data.metrics
     return {"experiment": experiment, "parent_run_id": parent.info.run_id, "objectives": metrics, "modes": modes,
-            "params": params, "hypervolume": parent.data.metrics.get("hypervolume", float("nan")), "front": front}
+            "selected_on": "validation", "params": params, "hypervolume": m.get("hypervolume", float("nan")),
+            "hypervolume_normalised": m.get("hypervolume_normalised", float("nan")),
+            "test_hypervolume": m.get("test_hypervolume", float("nan")), "front": front}

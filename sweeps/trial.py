@@ -4,6 +4,11 @@ A trial that raises would lose its reused actor (20-30 s to replace, DESIGN §7)
 caught here, logged FAILED to MLflow, and reported to Tune as a result without objectives.
 Retried and resumed trials reopen their own MLflow run by trial id, and a re-run of a trial that
 already finished reports the stored values instead of training again.
+
+Under ``scheduler: moasha`` the loop also evaluates validation at the trial's rungs and the
+trial reports it with ``rung_step``; when the scheduler stops the trial there, Tune ends the
+trial's thread from inside ``tune.report`` (``SystemExit``) and the driver marks the run KILLED
+with ``pruned_at_step`` (sweeps.tune).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from ray import tune
 from ray.tune import Checkpoint
 
 from sweeps import tracking
+from sweeps.moasha import RUNG_STEP, bracket_of, rung_steps
 from sweeps.spec import SweepSpec
 
 
@@ -28,6 +34,14 @@ class TrialContext:
     experiment_id: str
     parent_id: str
     run_storage: str
+
+    def rungs(self, trial_id: str, budget_steps: int) -> list[int]:
+        """The optimizer steps at which this trial reports validation to the scheduler."""
+        sched = self.spec.scheduler
+        if sched.kind != "moasha":
+            return []
+        return rung_steps(sched.grace_steps, sched.reduction_factor, budget_steps,
+                          bracket_of(trial_id, sched.brackets))
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -56,17 +70,25 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
                 step = int(metrics.get("step", step))
                 logger(metrics, checkpoint)
                 if checkpoint is None:
+                    if all(m in metrics for m in spec.metrics):  # validation at a rung: the scheduler decides
+                        tune.report({**metrics, RUNG_STEP: step})
                     return
                 status = {"trial_status": "FINISHED"} if all(m in metrics for m in spec.metrics) else {}
                 tune.report({**metrics, **status}, checkpoint=Checkpoint.from_directory(str(checkpoint)))
 
+            rungs = ctx.rungs(tctx.get_trial_id(), config.budget_steps)
             resume = tune.get_checkpoint()
             if resume is not None:
                 with resume.as_directory() as path:
                     logger.tag(resumed_from_step=str(checkpoint_step(path)))
-                    final = train_loop(config, report, resume_from=path)
+                    final = train_loop(config, report, resume_from=path, eval_at=rungs)
             else:
-                final = train_loop(config, report)
+                final = train_loop(config, report, eval_at=rungs)
+    except SystemExit:
+        # Tune stopped the trial inside tune.report (a rung, or Ctrl-C): keep its step losses;
+        # the run's status is the driver's to set (pruned: KILLED; interrupted: resumed later).
+        logger.flush()
+        raise
     except Exception as err:  # noqa: BLE001 - every failure becomes a FAILED trial, the sweep goes on
         reason = f"{type(err).__name__}: {err}"
         logger.finish(None, "FAILED", step=getattr(err, "step", step), reason=reason)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeps import StartupError, tracking
-from sweeps.front import SweepResult, finalize
+from sweeps.front import SweepResult, finalize, references
 from sweeps.progress import SweepProgress
 from sweeps.searcher import (SWEEP_RECORD, SweepSearcher, SweepSearchGenerator, fail_orphaned_trials, journal_path,
                              make_sampler, param_space, study_storage)
@@ -146,11 +146,11 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
     # Ray's start-up (~3 s here) runs beside the driver's own preparation, which mostly waits on
     # imports and disk: the shared artifacts (once, here; every trial then loads them from the
     # cache) and the MLflow store (a fresh sqlite db migrates its schema for ~1.4 s).
-    prepared = _in_background(_prepare, spec, tracking_uri)
+    prepared = _in_background(_prepare, spec, tracking_uri, sweep_path)
     try:
         local = _start_ray(address)
         _check_fits(spec, local)
-        cards = prepared.result()
+        cards, baseline = prepared.result()
     except BaseException as err:
         ray.shutdown()
         if isinstance(err, KeyboardInterrupt) and not prepared.done():
@@ -167,12 +167,15 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
                                                 "optuna_study": sweep_name,
                                                 **({"optuna_storage_mirror": f"{sweep_path}/{Path(journal).name}"}
                                                    if mirrored else {})})
+        if baseline is not None:
+            tracking.log_baseline(tracking_uri, experiment_id, parent_id, spec.baseline_config(), baseline)
+        reference = references(spec, tracking.baseline_run(tracking_uri, experiment_id, parent_id))[0]
         if record is None or record["trials"] != spec.num_trials():
             if record is not None:
                 log.warning("trials: %d -> %d (--trials)", record["trials"], spec.num_trials())
             _write_record(fs, f"{fs_root}/{sweep_name}", spec)
         grid, study, interrupted = _fit(spec, tracking_uri, experiment_id, parent_id, storage_root, sweep_path,
-                                        sweep_name, journal, mirrored, resume)
+                                        sweep_name, journal, mirrored, resume, reference)
         checkpoints = {res.metrics.get("trial_id"): res.checkpoint.path for res in grid
                        if res.checkpoint is not None and res.metrics}
         # Ray's shutdown (~1.4 s here) runs beside finalize, which needs only MLflow and the study.
@@ -190,13 +193,13 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
 
 
 def _fit(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, storage_root: str, sweep_path: str,
-         sweep_name: str, journal: str, mirrored: bool, resume: bool):
+         sweep_name: str, journal: str, mirrored: bool, resume: bool, reference: list[float]):
     """Build (or restore) the Tuner and run it; returns (ResultGrid, the Optuna study, whether Ctrl-C stopped it)."""
     from ray import tune
 
     ctx = TrialContext(spec, uri, experiment_id, parent_id, storage_root)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), spec.resources.trial_bundle())
-    progress = SweepProgress(spec, spec.num_trials())
+    progress = SweepProgress(spec, spec.num_trials(), reference)
     if resume and tune.Tuner.can_restore(sweep_path):
         tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True)
         study = None
@@ -215,6 +218,7 @@ def _fit(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, storage_
             param_space=param_space(spec),
             # num_samples=-1: the searcher's max_trials ends the sweep, so a resume can grow it
             tune_config=tune.TuneConfig(search_alg=SweepSearchGenerator(searcher, spec.concurrency), num_samples=-1,
+                                        scheduler=_scheduler(spec, uri, experiment_id, parent_id),
                                         reuse_actors=True, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=sweep_name, storage_path=storage_root, verbose=0,
@@ -230,6 +234,23 @@ def _fit(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, storage_
     finally:
         SweepProgress.close_all()
     return grid, study, stop.requested
+
+
+def _scheduler(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str):
+    """None (Tune's FIFO) or MO-ASHA on the spec's objectives. Tune pickles it into the Tuner's
+    state when the sweep starts and restores that copy on resume, without its records: both of
+    its hooks are picklable and reach MLflow, which marks a pruned run KILLED with
+    ``pruned_at_step`` and gives back every rung a trial reported, to rebuild the records."""
+    sched = spec.scheduler
+    if sched.kind == "fifo":
+        return None
+    from functools import partial
+
+    from sweeps.moasha import MOASHA
+
+    return MOASHA(spec.metrics, spec.modes, sched.grace_steps, sched.reduction_factor, sched.brackets,
+                  history_source=partial(tracking.rung_history, uri, experiment_id, parent_id, spec.metrics),
+                  on_prune=partial(tracking.mark_pruned, uri, experiment_id, parent_id))
 
 
 class _GracefulStop:
@@ -339,17 +360,28 @@ def _in_background(fn, *args) -> Future:
     return future
 
 
-def _prepare(spec: SweepSpec, tracking_uri: str) -> dict[str, dict]:
-    """The shared artifacts' dataset cards by content hash, and an initialised MLflow store
-    (nothing logged yet)."""
-    from trainable.loop import prepare_artifacts
+def _prepare(spec: SweepSpec, tracking_uri: str, sweep_path: str) -> tuple[dict[str, dict], dict[str, float] | None]:
+    """The shared artifacts' dataset cards by content hash, an initialised MLflow store (nothing
+    logged yet), and the plain-CE baseline's final metrics when the sweep needs them as its
+    hypervolume reference (no explicit ``reference``, no baseline run yet): one training on the
+    cached features, run here while Ray starts."""
+    from trainable.loop import prepare_artifacts, train_loop
 
     cards = {}
     for cfg in spec.artifact_variants():
         art = prepare_artifacts(cfg)
         cards[art.key] = art.splits.card
     tracking.open_store(tracking_uri)
-    return dict(sorted(cards.items()))
+    if spec.reference is not None or tracking.sweep_has_baseline(tracking_uri, spec.experiment_name, sweep_path):
+        return dict(sorted(cards.items())), None
+    config = spec.baseline_config()
+    try:
+        baseline = train_loop(config, lambda metrics, checkpoint=None: None, artifacts=prepare_artifacts(config))
+    except Exception as err:  # noqa: BLE001 - the sweep still runs; finalize falls back to the origin
+        log.warning("the plain-CE baseline failed (%s: %s); the hypervolume reference falls back to 0..100's worst end",
+                    type(err).__name__, err)
+        baseline = None
+    return dict(sorted(cards.items())), baseline
 
 
 def _start_ray(address: str | None) -> bool:

@@ -106,7 +106,9 @@ def children_with_status(db: Path, status: str) -> int:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
             return con.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
-                               "where t.key = 'mlflow.parentRunId' and r.status = ?", (status,)).fetchone()[0]
+                               "where t.key = 'mlflow.parentRunId' and r.status = ? and not exists (select 1 "
+                               "from tags b where b.run_uuid = r.run_uuid and b.key = 'role' and b.value = 'baseline')",
+                               (status,)).fetchone()[0]
     except sqlite3.Error:
         return 0
 
@@ -121,9 +123,10 @@ def wait_for(predicate, timeout: float, every: float = 0.5) -> bool:
 
 
 def assert_study_agrees_with_mlflow(uri: str, experiment: str, n: int, metrics: list[str]) -> None:
-    """A finished sweep: one parent FINISHED, exactly ``n`` FINISHED children with distinct trial ids,
-    none RUNNING, and an Optuna study of exactly ``n`` COMPLETE trials whose values are the MLflow
-    metrics. After a driver SIGKILL a trial started after Tune's last snapshot is forgotten: its
+    """A finished sweep: one parent FINISHED, one FINISHED ``role=baseline`` child, exactly ``n``
+    FINISHED trial children with distinct trial ids, each with validation metrics (plain names) and
+    test metrics (``test_*``), none RUNNING, and an Optuna study of exactly ``n`` COMPLETE trials
+    whose values are the MLflow (validation) metrics. After a driver SIGKILL a trial started after Tune's last snapshot is forgotten: its
     run stays KILLED and its Optuna trial FAIL (orphaned), and another trial takes its place."""
     import optuna
     from mlflow.tracking import MlflowClient
@@ -134,13 +137,16 @@ def assert_study_agrees_with_mlflow(uri: str, experiment: str, n: int, metrics: 
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("role") != "baseline"]
+    baselines = [r for r in runs if r.data.tags.get("role") == "baseline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED", [p.info.status for p in parents]
+    assert [b.info.status for b in baselines] == ["FINISHED"]  # measured once, even across resumes
     assert parents[0].data.tags["interrupted"] == "false"
     statuses = sorted(c.info.status for c in children)
     assert statuses.count("FINISHED") == n and set(statuses) <= {"FINISHED", "KILLED"}, statuses
     assert len({c.data.tags["tune_trial_id"] for c in children}) == len(children)  # no duplicate runs
     children = [c for c in children if c.info.status == "FINISHED"]
+    assert all(f"test_{m}" in c.data.metrics for c in children for m in metrics)
     tags = parents[0].data.tags
     study = optuna.load_study(study_name=tags["optuna_study"], storage=study_storage(tags["optuna_storage"]))
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]

@@ -137,9 +137,10 @@ def test_saved_view_scatter_shows_every_trial_and_the_front_in_red(page, swept, 
     scatter = page.locator(SCATTER_CARD).filter(has=page.locator(".scatterlayer"))
     assert scatter.count() == 1  # two objectives: one scatter
     points = scatter.locator(".scatterlayer .point")
-    assert _wait_count(points, len(swept.children)) == len(swept.children) == 4  # one point per finished trial
+    # one point per finished trial, and the CE baseline (the hypervolume reference) in blue
+    assert _wait_count(points, len(swept.children) + 1) == len(swept.children) + 1 == 5
     fills = points.evaluate_all("els => els.map(e => e.style.fill || getComputedStyle(e).fill)")
-    assert sorted(fills) == sorted([_rgb(mv.FRONT_COLOR)] * len(swept.front)
+    assert sorted(fills) == sorted([_rgb(mv.FRONT_COLOR)] * len(swept.front) + [_rgb(mv.BASELINE_COLOR)]
                                    + [_rgb(mv.OTHER_COLOR)] * (len(swept.children) - len(swept.front)))
     assert page.locator(SCATTER_CARD).filter(has_text="Parallel Coordinates").count() == 1
     time.sleep(1)  # let the charts finish their transitions before the picture
@@ -153,7 +154,7 @@ def test_saved_view_table_has_knobs_objectives_pareto_and_colours(page, swept, s
     url = mv.view_url(server, swept.eid, mv.view_id_for(swept.parent.info.run_id)).replace("=CHART", "=TABLE")
     page.goto(url)
     page.wait_for_selector(RUN_COLOR)
-    assert _wait_count(page.locator(RUN_COLOR), 5) == 5  # parent + 4 trials, all shown (SHOW_ALL)
+    assert _wait_count(page.locator(RUN_COLOR), 6) == 6  # parent + 4 trials + the baseline, all shown (SHOW_ALL)
     headers = set(page.locator("[role=columnheader]").all_inner_texts())
     assert {"kd_alignment", "noise_robustness", "pareto", "alpha", "distill_weight", "epsilon"} <= headers
     colours = dict(zip(page.locator("[role=row]").filter(has=page.locator(RUN_COLOR)).locator("a").all_inner_texts(),
@@ -174,9 +175,9 @@ def test_default_runs_page_nests_the_trials_under_the_sweep(page, swept, server,
     rows = page.locator("[role=row]").filter(has=page.locator(RUN_COLOR))
     assert _wait_count(rows, 1) == 1  # only the sweep at the top level; its trials are folded in
     page.locator("[role=row]", has_text=parent_name).locator("[col-id='attributes.`Run Name`'] button").first.click()
-    assert _wait_count(rows, 5) == 5
+    assert _wait_count(rows, 6) == 6  # the 4 trials and the baseline
     order = sorted((int(r.get_attribute("row-index")), r.locator("a").first.inner_text()) for r in rows.all())
-    assert order[0][1] == parent_name and sorted(n for _, n in order[1:]) == swept.names
+    assert order[0][1] == parent_name and sorted(n for _, n in order[1:]) == sorted([*swept.names, "baseline-ce"])
     page.screenshot(path=str(shots / "runs_nested.png"))
 
 

@@ -131,7 +131,7 @@ def _fake_sweep(client, experiment_id, name, points):
     for i, (kd, nr) in enumerate(points):
         run = client.create_run(experiment_id, run_name=f"trial-{i}", tags={"mlflow.parentRunId": parent}).info.run_id
         rows.append({"run_id": run, "run_name": f"trial-{i}", "kd_alignment": kd, "noise_robustness": nr,
-                     "alpha": 0.5 + i / 10, "epsilon": 0.1})
+                     "test_kd_alignment": kd - 1, "test_noise_robustness": nr - 2, "alpha": 0.5 + i / 10, "epsilon": 0.1})
     return parent, rows
 
 
@@ -166,8 +166,12 @@ def test_publish_on_sqlite_two_sweeps_one_experiment(tmp_path):
         note = ptags[mv.NOTE_TAG]
         assert "toy sweep" in note and "1 failed" in note and "1234.5" in note
         assert f"viewStateShareKey={vid}&compareRunsMode=CHART" in note
-        assert "| trial | kd_alignment | noise_robustness | alpha | epsilon |" in note
+        # each objective on test (the report), then on validation (what chose the front)
+        assert ("| trial | test_kd_alignment | kd_alignment | test_noise_robustness | noise_robustness | alpha | "
+                "epsilon |") in note
         assert note.count(f"](#/experiments/{eid}/runs/") == len(front)  # one table row per front run
+    first_note = client.get_run(published[0][0]).data.tags[mv.NOTE_TAG]
+    assert "| 89.00 | 90.00 | 38.00 | 40.00 |" in first_note  # trial-0: test 89/38, validation 90/40
 
     # publishing again (a resumed sweep) rewrites the view in place and keeps its creation time
     parent, vid, rows, front = published[0]

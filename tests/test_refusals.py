@@ -164,3 +164,28 @@ def test_a_sweep_on_unusable_data_is_refused_before_ray_and_mlflow(tmp_path, tin
     refused(out, "mine.csv", named)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
     assert not (tmp_path / "cache" / "features").exists()  # nothing computed either
+
+
+# -- issue 12: the scheduler is validated like every other field ------------------------------------
+
+
+@pytest.mark.parametrize("override, names", [
+    ("scheduler.kind=asha", ["scheduler.kind", "fifo", "moasha"]),
+    ("scheduler.reduction_factor=1", ["scheduler.reduction_factor", "greater than 1"]),
+    ("scheduler.grace_steps=0", ["scheduler.grace_steps"]),
+    ("scheduler.brakets=2", ["scheduler.brakets"]),
+])
+def test_a_bad_scheduler_is_refused_naming_the_field(tmp_path, override, names):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    refused(cli(tmp_path, "sweep", "pareto", "--set", override, "--tracking-uri", uri), *names)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_moasha_with_a_torch_trainer_trial_is_refused_with_the_reason(tmp_path):
+    """A TorchTrainer trial only waits on fit(): nothing reports at a rung, so nothing could stop it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = cli(tmp_path, "sweep", "pareto", "--set", "scheduler.kind=moasha", "--set", "resources.workers_per_trial=2",
+              "--tracking-uri", uri)
+    refused(out, "scheduler", "workers_per_trial=2", "kind=fifo")
+    assert load_spec("pareto", ["scheduler.kind=moasha"]).scheduler.reduction_factor == 3  # the default is fine
+    assert load_spec("pareto").scheduler.kind == "fifo"

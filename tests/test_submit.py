@@ -107,8 +107,10 @@ def test_submit_runs_a_sweep_as_a_ray_job(ray_head, mlflow_server, tmp_path, tin
     exp = post("experiments/get-by-name", {}) if False else json.loads(urllib.request.urlopen(
         f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=submitted", timeout=10).read())
     runs = post("runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]], "max_results": 100})["runs"]
-    children = [r for r in runs if any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
-    assert len(runs) == 3 and len(children) == 2
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    children = [t for t in tags if "mlflow.parentRunId" in t and t.get("role") != "baseline"]
+    baselines = [t for t in tags if t.get("role") == "baseline"]
+    assert len(runs) == 4 and len(children) == 2 and len(baselines) == 1  # parent, 2 trials, the CE baseline
     assert all(r["info"]["status"] == "FINISHED" for r in runs)
 
 

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeps import pareto
 from sweeps.searcher import study_storage
+from tests.helpers import assert_study_agrees_with_mlflow, children_with_status, wait_for
 
 BIN = Path(sys.executable).parent / "alignsweep"
 OBJ = ["kd_alignment", "noise_robustness"]
@@ -59,7 +60,7 @@ def runs_of(uri, experiment):
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("role") != "baseline"]
     return client, parents, children
 
 
@@ -78,7 +79,8 @@ def test_four_trial_sweep_nests_runs_and_tags_the_front(tmp_path, tiny_backbone,
         assert {"distill_weight", "epsilon", "alpha"} <= set(child.data.params)
         for m in ("accuracy", "kd_alignment", "noise_robustness", "alignment_stability", "noisy_text_accuracy",
                   "safety_score", "harmful_recall", "attack_success_rate"):
-            assert 0.0 <= child.data.metrics[m] <= 100.0
+            assert 0.0 <= child.data.metrics[m] <= 100.0  # validation: what the searcher saw
+            assert 0.0 <= child.data.metrics[f"test_{m}"] <= 100.0  # test: the report
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
         assert steps == [4, 8]  # per-step losses at the real step
         assert child.data.tags["checkpoint_uri"]
@@ -88,8 +90,20 @@ def test_four_trial_sweep_nests_runs_and_tags_the_front(tmp_path, tiny_backbone,
     mask = pareto.non_dominated(pts, ["max", "max"])
     tagged = np.array([c.data.tags["pareto"] == "true" for c in children])
     assert (mask == tagged).all() and tagged.any()
-    hv = pareto.hypervolume(pts, ["max", "max"], [0.0, 0.0])
+    # the reference is the plain-CE baseline's validation point, from its own child run
+    runs = client.search_runs([parent.info.experiment_id], filter_string="tags.role = 'baseline'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    baseline = runs[0]
+    assert baseline.data.tags["mlflow.parentRunId"] == parent.info.run_id and baseline.data.params["method"] == "ce"
+    ref = [baseline.data.metrics[m] for m in OBJ]
+    hv = pareto.hypervolume(pts, ["max", "max"], ref)
     assert parent.data.metrics["hypervolume"] == pytest.approx(hv)
+    assert [parent.data.metrics[f"reference.{m}"] for m in OBJ] == pytest.approx(ref)
+    box = (100 - ref[0]) * (100 - ref[1])
+    assert parent.data.metrics["hypervolume_normalised"] == pytest.approx(hv / box)
+    test_ref = [baseline.data.metrics[f"test_{m}"] for m in OBJ]
+    front_test = np.array([[c.data.metrics[f"test_{m}"] for m in OBJ] for c, on in zip(children, mask) if on])
+    assert parent.data.metrics["test_hypervolume"] == pytest.approx(pareto.hypervolume(front_test, ["max", "max"], test_ref))
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pareto_front.csv", "pareto_front.json", "pareto.png", "pareto.html", "spec.yaml"} <= arts
     card_name = f"dataset_card-{parent.data.tags['dataset_hash']}.json"
@@ -99,6 +113,11 @@ def test_four_trial_sweep_nests_runs_and_tags_the_front(tmp_path, tiny_backbone,
     front_json = json.loads(client.download_artifacts(parent.info.run_id, "pareto_front.json", str(tmp_path)) and
                             Path(tmp_path / "pareto_front.json").read_text())
     assert len(front_json["front"]) == int(mask.sum())
+    assert front_json["reference"] == pytest.approx(ref) and front_json["reference_source"] == "baseline"
+    assert front_json["selected_on"] == "validation" and front_json["reported"] == [f"test_{m}" for m in OBJ]
+
+    # the Optuna values are the validation metrics, never the test ones
+    assert_study_agrees_with_mlflow(uri, "tiny", 4, OBJ)
 
     # the study is multi-objective: one direction per objective
     study_url, study_name = parent.data.tags["optuna_storage"], parent.data.tags["optuna_study"]
@@ -209,12 +228,7 @@ def test_resume_after_driver_sigkill(tmp_path, tiny_backbone, toy_csv):
     finished = 0
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
-        try:
-            with sqlite3.connect(tmp_path / "mlflow.db", timeout=5) as db:
-                finished = db.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
-                                      "where t.key = 'mlflow.parentRunId' and r.status = 'FINISHED'").fetchone()[0]
-        except sqlite3.Error:
-            continue
+        finished = children_with_status(tmp_path / "mlflow.db", "FINISHED")  # trials, not the baseline
         if finished >= 2:
             break
     assert proc.poll() is None and finished >= 2, "sweep ended before it could be interrupted"
@@ -236,6 +250,83 @@ def test_resume_after_driver_sigkill(tmp_path, tiny_backbone, toy_csv):
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 8  # the trials Tune forgot after the kill are FAIL (orphaned), not counted
     assert sorted(tuple(t.values) for t in complete) == sorted(tuple(c.data.metrics[m] for m in OBJ) for c in done)
+
+
+def _moasha_spec(tmp_path, tiny_backbone, toy_csv, name: str, trials: int):
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name=name, trials=trials, concurrency=1)
+    raw = yaml.safe_load(spec.read_text())
+    raw["train"].update({"budget_steps": 36, "log_every": 4, "checkpoint_every": 4})
+    raw["scheduler"] = {"kind": "moasha", "grace_steps": 4, "reduction_factor": 3}  # rungs at 4 and 12
+    spec.write_text(yaml.safe_dump(raw))
+    return spec
+
+
+def _assert_pruned_sweep(uri: str, name: str, trials: int, budget: int) -> int:
+    """Pruned trials: KILLED runs with pruned_at_step at a rung and their rung values logged,
+    PRUNED Optuna trials; the rest FINISHED and COMPLETE with the validation values. Returns the
+    optimizer steps the sweep spent."""
+    client, parents, children = runs_of(uri, name)
+    pruned = [c for c in children if "pruned_at_step" in c.data.tags]
+    done = [c for c in children if c.info.status == "FINISHED"]
+    assert len(children) == trials and len(pruned) + len(done) == trials, [c.info.status for c in children]
+    assert pruned, "MO-ASHA stopped no trial"
+    for c in pruned:
+        step = int(c.data.tags["pruned_at_step"])
+        assert c.info.status == "KILLED" and step in (4, 12)
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "kd_alignment")][-1] == step
+        assert "test_kd_alignment" not in c.data.metrics  # a stopped trial never reaches test
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_pruned"] == len(pruned)
+    tags = parent.data.tags
+    study = optuna.load_study(study_name=tags["optuna_study"], storage=study_storage(tags["optuna_storage"]))
+    states = [t.state.name for t in study.trials]
+    assert states.count("PRUNED") == len(pruned) and states.count("COMPLETE") == len(done), states
+    assert sorted(t.user_attrs["pruned_at_step"] for t in study.trials if t.state.name == "PRUNED") == sorted(
+        int(c.data.tags["pruned_at_step"]) for c in pruned)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(tuple(t.values) for t in complete) == sorted(tuple(c.data.metrics[m] for m in OBJ) for c in done)
+    return sum(int(c.data.tags["pruned_at_step"]) for c in pruned) + budget * len(done)
+
+
+def test_moasha_sweep_stops_dominated_trials_at_rungs(tmp_path, tiny_backbone, toy_csv):
+    spec = _moasha_spec(tmp_path, tiny_backbone, toy_csv, "moasha", trials=6)
+    out, uri = sweep(tmp_path, spec)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "stopped early" in out.stdout
+    spent = _assert_pruned_sweep(uri, "moasha", 6, 36)
+    assert spent < 6 * 36  # fewer optimizer steps than the same six trials unpruned
+
+
+@pytest.mark.slow
+def test_moasha_sweep_resumes_after_driver_sigkill(tmp_path, tiny_backbone, toy_csv):
+    """Tune keeps no scheduler state: the resumed driver rebuilds the rung records from MLflow and
+    the sweep still ends with exactly N trials, each pruned (KILLED + PRUNED) or finished."""
+    spec = _moasha_spec(tmp_path, tiny_backbone, toy_csv, "moasha-resume", trials=8)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [str(BIN), "sweep", str(spec), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    ended = lambda: sum(children_with_status(tmp_path / "mlflow.db", s) for s in ("FINISHED", "KILLED"))  # noqa: E731
+    assert wait_for(lambda: ended() >= 3 or proc.poll() is not None, timeout=300)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(3)  # Ray's fate-shared processes go down with the driver
+
+    out, _ = sweep(tmp_path, spec, "--resume")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, parents, children = runs_of(uri, "moasha-resume")
+    # trials Tune forgot after the kill stay KILLED without pruned_at_step (their Optuna trial is an orphan FAIL)
+    forgotten = [c for c in children if c.info.status == "KILLED" and "pruned_at_step" not in c.data.tags]
+    kept = [c for c in children if c not in forgotten]
+    pruned = [c for c in kept if "pruned_at_step" in c.data.tags]
+    assert len(kept) == 8 and pruned and not [c for c in children if c.info.status == "RUNNING"]
+    tags = parents[0].data.tags
+    study = optuna.load_study(study_name=tags["optuna_study"], storage=study_storage(tags["optuna_storage"]))
+    states = [t.state.name for t in study.trials]
+    assert states.count("PRUNED") == len(pruned) and states.count("COMPLETE") == 8 - len(pruned), states
+    assert all(t.user_attrs.get("orphaned") for t in study.trials if t.state.name == "FAIL")
+    assert parents[0].info.status == "FINISHED"
 
 
 def test_bad_spec_exits_2_before_anything_is_written(tmp_path, tiny_backbone, toy_csv):
