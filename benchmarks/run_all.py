@@ -5,7 +5,7 @@
     python benchmarks/run_all.py --smoke    # every section at a tiny size (what CI runs)
 
 Sections (issue 6): 1 step cost, 2 shared cache, 3 service overhead, 4 search efficiency,
-5 scale, 6 memory. Each figure is a ratio against a baseline measured side by side in the same
+5 scale, 6 memory; (issue 12) 7 early stopping. Each figure is a ratio against a baseline measured side by side in the same
 run; each section runs in a fresh process (its module's docstring says exactly what it
 measures). Nothing here asserts on time: targets are reported as met or missed, with by how much.
 """
@@ -32,13 +32,17 @@ SECTIONS = [  # (module, what it prints)
     ("service", "3 service overhead + 6 memory"),
     ("search", "4 search efficiency"),
     ("scale", "5 scale"),
+    ("early_stopping", "7 early stopping"),
 ]
-TITLES = {1: "step cost", 2: "shared cache", 3: "service overhead", 4: "search efficiency", 5: "scale", 6: "memory"}
-TIMEOUT_S = {"step_cost": 600, "cache": 600, "service": 1200, "search": 900, "scale": 1500}
+TITLES = {1: "step cost", 2: "shared cache", 3: "service overhead", 4: "search efficiency", 5: "scale", 6: "memory",
+          7: "early stopping"}
+TIMEOUT_S = {"step_cost": 600, "cache": 600, "service": 1200, "search": 1200, "scale": 1500, "early_stopping": 1200}
 
 
 def fmt_value(v: float, unit: str) -> str:
-    if unit == "MiB" or unit == "HV":
+    if unit == "nHV":
+        return f"{v:.3f}"
+    if unit in ("MiB", "HV", "steps"):
         return f"{v:,.0f} {unit}"
     if unit == "ms":
         return f"{v:.2f} ms" if v < 10 else f"{v:,.1f} ms"
@@ -58,7 +62,7 @@ def verdict(r: dict) -> str:
 def table(rows: list[dict]) -> str:
     lines = ["| # | measure | measured | baseline | ratio | target |", "|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r['ratio']:.3f}" if r["section"] == 4 else f"{r['ratio']:.2f}x"
+        ratio = f"{r['ratio']:.3f}" if r["section"] in (4, 7) else f"{r['ratio']:.2f}x"
         lines.append(f"| {r['key']} | {r['measure']} | {fmt_value(r['value'], r['unit'])} | "
                      f"{fmt_value(r['baseline'], r['unit'])} ({r['baseline_name']}) | {ratio} | {verdict(r)} |")
     return "\n".join(lines)
