@@ -164,7 +164,9 @@ def _print_front(rows: list[dict], metrics: list[str], params: list[str], title:
             v = row.get(col)
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         table.add_row(*cells)
-    Console().print(table)
+    # A log file or pipe gets rich's 80 columns, which truncates every cell of a front with test
+    # and validation columns: there, print at full width.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
 @app.command()
