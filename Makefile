@@ -43,7 +43,7 @@ reproduce: $(STAMP)
 	$(BIN)/alignsweep sweep methods && $(BIN)/alignsweep compare --experiment methods --out $(FIGS)/compare.md
 	$(BIN)/alignsweep sweep pareto && $(BIN)/alignsweep figures --experiment pareto --out $(FIGS)
 
-# Issue 6: measured figures and ratios, printed as one table (under 20 minutes here).
+# Issues 6 and 12: measured figures and ratios, printed as one table (~50 minutes here).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 

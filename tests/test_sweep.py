@@ -214,6 +214,15 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_backbone, t
     assert steps[-1] == 600
 
 
+def _sigkill_and_resume(tmp_path, spec, proc) -> None:
+    """SIGKILL the sweep driver, let Ray's fate-shared processes go down with it, then --resume to the end."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(3)
+    out, _ = sweep(tmp_path, spec, "--resume")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_resume_after_driver_sigkill(tmp_path, tiny_backbone, toy_csv):
     spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="resume", trials=8)
@@ -232,12 +241,7 @@ def test_resume_after_driver_sigkill(tmp_path, tiny_backbone, toy_csv):
         if finished >= 2:
             break
     assert proc.poll() is None and finished >= 2, "sweep ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    time.sleep(3)  # Ray's fate-shared processes go down with the driver
-
-    out, _ = sweep(tmp_path, spec, "--resume")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _sigkill_and_resume(tmp_path, spec, proc)
     client, parents, children = runs_of(uri, "resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     done = [c for c in children if c.info.status == "FINISHED"]
@@ -309,12 +313,7 @@ def test_moasha_sweep_resumes_after_driver_sigkill(tmp_path, tiny_backbone, toy_
     ended = lambda: sum(children_with_status(tmp_path / "mlflow.db", s) for s in ("FINISHED", "KILLED"))  # noqa: E731
     assert wait_for(lambda: ended() >= 3 or proc.poll() is not None, timeout=300)
     assert proc.poll() is None, "the sweep ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    time.sleep(3)  # Ray's fate-shared processes go down with the driver
-
-    out, _ = sweep(tmp_path, spec, "--resume")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _sigkill_and_resume(tmp_path, spec, proc)
     client, parents, children = runs_of(uri, "moasha-resume")
     # trials Tune forgot after the kill stay KILLED without pruned_at_step (their Optuna trial is an orphan FAIL)
     forgotten = [c for c in children if c.info.status == "KILLED" and "pruned_at_step" not in c.data.tags]
