@@ -146,6 +146,18 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def as_params(d: dict[str, Any]) -> dict[str, Any]:
+    """A nested config as MLflow params: dotted keys, lists and mappings as JSON."""
+    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(d).items()}
+
+
+def trial_run(mc, experiment_id: str, parent_id: str, trial_id: str):
+    """The child run of Tune trial ``trial_id`` in this sweep, or None."""
+    found = mc.search_runs([experiment_id], max_results=1, filter_string=(
+        f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"))
+    return found[0] if found else None
+
+
 def log_batch(mc, run_id: str, metrics: dict[str, float] | None = None, step: int = 0,
            params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> None:
     """One log_batch call: each write to sqlite costs 12-80 ms, so never log key by key."""
@@ -182,8 +194,7 @@ def start_parent(uri: str, experiment_id: str, spec, sweep_path: str, dataset_ca
     run = mc.create_run(experiment_id, run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                         tags={SWEEP_TAG: sweep_path, "alignsweep.spec": spec.name, "git_sha": git_sha(),
                               "dataset_hash": ",".join(dataset_hashes), **versions(), **tags})
-    params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
-              for k, v in flatten(spec.model_dump(exclude={"space"})).items()}
+    params = as_params(spec.model_dump(exclude={"space"}))
     params["space"] = json.dumps({k: d.model_dump(exclude_none=True) for k, d in spec.space.items()})
     log_batch(mc, run.info.run_id, params=params)
     mc.log_text(run.info.run_id, _yaml(spec), "spec.yaml")
@@ -233,9 +244,8 @@ def log_baseline(uri: str, experiment_id: str, parent_id: str, config, final: di
     validation metrics (plain names) and test metrics (``test_*``)."""
     mc = client(uri)
     run = mc.create_run(experiment_id, run_name="baseline-ce", tags={PARENT_TAG: parent_id, ROLE_TAG: BASELINE})
-    params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(config.model_dump()).items()}
     log_batch(mc, run.info.run_id, metrics={k: v for k, v in final.items() if k != "step"}, step=config.budget_steps,
-              params=params)
+              params=as_params(config.model_dump()))
     mc.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id
 
@@ -243,12 +253,11 @@ def log_baseline(uri: str, experiment_id: str, parent_id: str, config, final: di
 def mark_pruned(uri: str, experiment_id: str, parent_id: str, trial_id: str, step: int) -> None:
     """The trial's run ends KILLED with ``pruned_at_step``: the scheduler stopped it at a rung."""
     mc = client(uri)
-    found = mc.search_runs([experiment_id], max_results=1, filter_string=(
-        f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"))
-    if not found:
+    run = trial_run(mc, experiment_id, parent_id, trial_id)
+    if run is None:
         return
-    log_batch(mc, found[0].info.run_id, tags={PRUNED_TAG: str(step)})
-    mc.set_terminated(found[0].info.run_id, status="KILLED")
+    log_batch(mc, run.info.run_id, tags={PRUNED_TAG: str(step)})
+    mc.set_terminated(run.info.run_id, status="KILLED")
 
 
 def rung_history(uri: str, experiment_id: str, parent_id: str, metrics: list[str]) -> dict[str, dict[int, list[float]]]:
@@ -307,10 +316,8 @@ class TrialLogger:
     def open(self, params: dict[str, Any]) -> dict[str, float] | None:
         """Find or create this trial's child run. Returns the stored metrics if it already FINISHED."""
         mc = client(self.uri)
-        found = mc.search_runs([self.experiment_id], max_results=1, filter_string=(
-            f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{TRIAL_TAG}` = '{self.trial_id}'"))
-        if found:
-            run = found[0]
+        run = trial_run(mc, self.experiment_id, self.parent_id, self.trial_id)
+        if run is not None:
             self.run_id = run.info.run_id
             if run.info.status == "FINISHED":
                 return dict(run.data.metrics)

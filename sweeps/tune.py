@@ -367,16 +367,17 @@ def _prepare(spec: SweepSpec, tracking_uri: str, sweep_path: str) -> tuple[dict[
     cached features, run here while Ray starts."""
     from trainable.loop import prepare_artifacts, train_loop
 
-    cards = {}
-    for cfg in spec.artifact_variants():
-        art = prepare_artifacts(cfg)
-        cards[art.key] = art.splits.card
+    variants = spec.artifact_variants()
+    arts = [prepare_artifacts(cfg) for cfg in variants]
+    cards = {art.key: art.splits.card for art in arts}
     tracking.open_store(tracking_uri)
     if spec.reference is not None or tracking.sweep_has_baseline(tracking_uri, spec.experiment_name, sweep_path):
         return dict(sorted(cards.items())), None
     config = spec.baseline_config()
     try:
-        baseline = train_loop(config, lambda metrics, checkpoint=None: None, artifacts=prepare_artifacts(config))
+        # one variant is the base config itself (the method shapes no artifact): its artifacts serve
+        base = arts[0] if len(variants) == 1 else prepare_artifacts(config)
+        baseline = train_loop(config, lambda metrics, checkpoint=None: None, artifacts=base)
     except Exception as err:  # noqa: BLE001 - the sweep still runs; finalize falls back to the origin
         log.warning("the plain-CE baseline failed (%s: %s); the hypervolume reference falls back to 0..100's worst end",
                     type(err).__name__, err)
