@@ -5,6 +5,11 @@ caught here, logged FAILED to MLflow, and reported to Tune as a result without o
 Retried and resumed trials reopen their own MLflow run by trial id, and a re-run of a trial that
 already finished reports the stored values instead of training again.
 
+The shared artifacts (splits, features, teacher logits) come from the driver through Ray's
+object store, by ``artifact_key``: a trial on any node trains on exactly what the driver built,
+and no node rebuilds them or needs the data wheels (DESIGN §2). Each run records its node as
+``ray_node_id``.
+
 Under ``scheduler: moasha`` the loop also evaluates validation at the trial's rungs and the
 trial reports it with ``rung_step``; when the scheduler stops the trial there, Tune ends the
 trial's thread from inside ``tune.report`` (``SystemExit``) and the driver marks the run KILLED
@@ -13,16 +18,21 @@ with ``pruned_at_step`` (sweeps.tune).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune import Checkpoint
 
 from sweeps import tracking
 from sweeps.moasha import RUNG_STEP, bracket_of, rung_steps
 from sweeps.spec import SweepSpec
+from trainable.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +44,24 @@ class TrialContext:
     experiment_id: str
     parent_id: str
     run_storage: str
+    artifacts: dict[str, ray.ObjectRef] = field(default_factory=dict)
+    """``artifact_key(config)`` -> the driver's ``Artifacts`` in the object store (put once per sweep)."""
+
+    def shared_artifacts(self, config: TrainConfig):
+        """The driver's artifacts for this config, fetched once per worker process; None when the
+        driver built none for it (a data field searched over a continuous range), and then the
+        loop builds them on this node from its disk cache."""
+        from trainable.loop import artifact_key
+
+        ref = self.artifacts.get(artifact_key(config))
+        if ref is None:
+            log.warning("no shared artifacts for this trial's data/backbone/teacher; building them on this node")
+            return None
+        key = ref.hex()
+        if key not in _FETCHED:
+            _FETCHED.clear()  # keep one sweep's worth: a reused actor serves one sweep at a time
+            _FETCHED[key] = ray.get(ref)
+        return _FETCHED[key]
 
     def rungs(self, trial_id: str, budget_steps: int) -> list[int]:
         """The optimizer steps at which this trial reports validation to the scheduler."""
@@ -44,6 +72,10 @@ class TrialContext:
                           bracket_of(trial_id, sched.brackets))
 
 
+_FETCHED: dict[str, Any] = {}
+"""Artifacts already fetched by this worker process, by ObjectRef: a reused actor deserialises them once."""
+
+
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     tctx = tune.get_context()
     logger = tracking.TrialLogger(ctx.uri, ctx.experiment_id, ctx.parent_id, tctx.get_trial_id(), tctx.get_trial_name())
@@ -51,17 +83,20 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     if stored is not None:  # a re-run of a trial that already finished: report, don't retrain
         tune.report({**stored, "trial_status": "FINISHED"})
         return
+    logger.tag(ray_node_id=ray.get_runtime_context().get_node_id())
     spec, step = ctx.spec, 0
     try:
         config = spec.trial_config(params)
         mode = spec.resources.mode()
         if mode == "torch_trainer":
+            from trainable.loop import artifact_key
             from trainable.worker import fit_with_ray_train
 
             r = spec.resources
             final = fit_with_ray_train(config, r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
                                        cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker or 1,
-                                       on_report=logger, storage_path=ctx.run_storage, name=f"{tctx.get_trial_name()}-train")
+                                       on_report=logger, storage_path=ctx.run_storage, name=f"{tctx.get_trial_name()}-train",
+                                       artifacts=ctx.artifacts.get(artifact_key(config)))
         else:
             from trainable.loop import checkpoint_step, train_loop
 
@@ -76,14 +111,15 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
                 status = {"trial_status": "FINISHED"} if all(m in metrics for m in spec.metrics) else {}
                 tune.report({**metrics, **status}, checkpoint=Checkpoint.from_directory(str(checkpoint)))
 
+            artifacts = ctx.shared_artifacts(config)
             rungs = ctx.rungs(tctx.get_trial_id(), config.budget_steps)
             resume = tune.get_checkpoint()
             if resume is not None:
                 with resume.as_directory() as path:
                     logger.tag(resumed_from_step=str(checkpoint_step(path)))
-                    final = train_loop(config, report, resume_from=path, eval_at=rungs)
+                    final = train_loop(config, report, resume_from=path, eval_at=rungs, artifacts=artifacts)
             else:
-                final = train_loop(config, report, eval_at=rungs)
+                final = train_loop(config, report, eval_at=rungs, artifacts=artifacts)
     except SystemExit:
         # Tune stopped the trial inside tune.report (a rung, or Ctrl-C): keep its step losses;
         # the run's status is the driver's to set (pruned: KILLED; interrupted: resumed later).

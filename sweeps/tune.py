@@ -144,13 +144,17 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
     print(f"{sweep_name}: preparing shared artifacts (data splits, backbone features, teacher logits; "
           "cached after the first run) and starting Ray", file=sys.stderr, flush=True)
     # Ray's start-up (~3 s here) runs beside the driver's own preparation, which mostly waits on
-    # imports and disk: the shared artifacts (once, here; every trial then loads them from the
-    # cache) and the MLflow store (a fresh sqlite db migrates its schema for ~1.4 s).
+    # imports and disk: the shared artifacts (once, here; then put in Ray's object store, where
+    # every trial on every node reads them) and the MLflow store (a fresh sqlite db migrates its
+    # schema for ~1.4 s).
     prepared = _in_background(_prepare, spec, tracking_uri, sweep_path)
     try:
         local = _start_ray(address)
         _check_fits(spec, local)
-        cards, baseline = prepared.result()
+        arts, baseline = prepared.result()
+        # Once, here: every trial on every node reads them from the object store (DESIGN §2).
+        shared = {key: ray.put(art) for key, art in arts.items()}
+        cards = dict(sorted((art.key, art.splits.card) for art in arts.values()))
     except BaseException as err:
         ray.shutdown()
         if isinstance(err, KeyboardInterrupt) and not prepared.done():
@@ -174,8 +178,8 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
             if record is not None:
                 log.warning("trials: %d -> %d (--trials)", record["trials"], spec.num_trials())
             _write_record(fs, f"{fs_root}/{sweep_name}", spec)
-        grid, study, interrupted = _fit(spec, tracking_uri, experiment_id, parent_id, storage_root, sweep_path,
-                                        sweep_name, journal, mirrored, resume, reference)
+        ctx = TrialContext(spec, tracking_uri, experiment_id, parent_id, storage_root, shared)
+        grid, study, interrupted = _fit(spec, ctx, sweep_path, sweep_name, journal, mirrored, resume, reference)
         checkpoints = {res.metrics.get("trial_id"): res.checkpoint.path for res in grid
                        if res.checkpoint is not None and res.metrics}
         # Ray's shutdown (~1.4 s here) runs beside finalize, which needs only MLflow and the study.
@@ -192,12 +196,11 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
         raise
 
 
-def _fit(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, storage_root: str, sweep_path: str,
-         sweep_name: str, journal: str, mirrored: bool, resume: bool, reference: list[float]):
+def _fit(spec: SweepSpec, ctx: TrialContext, sweep_path: str, sweep_name: str, journal: str, mirrored: bool,
+         resume: bool, reference: list[float]):
     """Build (or restore) the Tuner and run it; returns (ResultGrid, the Optuna study, whether Ctrl-C stopped it)."""
     from ray import tune
 
-    ctx = TrialContext(spec, uri, experiment_id, parent_id, storage_root)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), spec.resources.trial_bundle())
     progress = SweepProgress(spec, spec.num_trials(), reference)
     if resume and tune.Tuner.can_restore(sweep_path):
@@ -218,10 +221,10 @@ def _fit(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str, storage_
             param_space=param_space(spec),
             # num_samples=-1: the searcher's max_trials ends the sweep, so a resume can grow it
             tune_config=tune.TuneConfig(search_alg=SweepSearchGenerator(searcher, spec.concurrency), num_samples=-1,
-                                        scheduler=_scheduler(spec, uri, experiment_id, parent_id),
+                                        scheduler=_scheduler(spec, ctx.uri, ctx.experiment_id, ctx.parent_id),
                                         reuse_actors=True, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(name=sweep_name, storage_path=storage_root, verbose=0,
+            run_config=tune.RunConfig(name=sweep_name, storage_path=ctx.run_storage, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       # no num_to_keep: rotation deletes checkpoints that the last
                                       # driver snapshot still points at, and a resume then fails
@@ -360,29 +363,27 @@ def _in_background(fn, *args) -> Future:
     return future
 
 
-def _prepare(spec: SweepSpec, tracking_uri: str, sweep_path: str) -> tuple[dict[str, dict], dict[str, float] | None]:
-    """The shared artifacts' dataset cards by content hash, an initialised MLflow store (nothing
-    logged yet), and the plain-CE baseline's final metrics when the sweep needs them as its
-    hypervolume reference (no explicit ``reference``, no baseline run yet): one training on the
-    cached features, run here while Ray starts."""
-    from trainable.loop import prepare_artifacts, train_loop
+def _prepare(spec: SweepSpec, tracking_uri: str, sweep_path: str) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """The shared artifacts by ``artifact_key`` (each built once, or read from this machine's disk
+    cache), an initialised MLflow store (nothing logged yet), and the plain-CE baseline's final
+    metrics when the sweep needs them as its hypervolume reference (no explicit ``reference``, no
+    baseline run yet): one training on the cached features, run here while Ray starts."""
+    from trainable.loop import artifact_key, prepare_artifacts, train_loop
 
-    variants = spec.artifact_variants()
-    arts = [prepare_artifacts(cfg) for cfg in variants]
-    cards = {art.key: art.splits.card for art in arts}
+    arts = {artifact_key(cfg): prepare_artifacts(cfg) for cfg in spec.artifact_variants()}
     tracking.open_store(tracking_uri)
     if spec.reference is not None or tracking.sweep_has_baseline(tracking_uri, spec.experiment_name, sweep_path):
-        return dict(sorted(cards.items())), None
+        return arts, None
     config = spec.baseline_config()
     try:
-        # one variant is the base config itself (the method shapes no artifact): its artifacts serve
-        base = arts[0] if len(variants) == 1 else prepare_artifacts(config)
+        # the method shapes no artifact: the base config's own artifacts serve the baseline
+        base = arts.get(artifact_key(config)) or prepare_artifacts(config)
         baseline = train_loop(config, lambda metrics, checkpoint=None: None, artifacts=base)
     except Exception as err:  # noqa: BLE001 - the sweep still runs; finalize falls back to the origin
         log.warning("the plain-CE baseline failed (%s: %s); the hypervolume reference falls back to 0..100's worst end",
                     type(err).__name__, err)
         baseline = None
-    return dict(sorted(cards.items())), baseline
+    return arts, baseline
 
 
 def _start_ray(address: str | None) -> bool:

@@ -23,6 +23,7 @@ It knows nothing of Ray Tune or MLflow: progress and checkpoints go through
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import tempfile
@@ -70,6 +71,14 @@ class Artifacts:
         return self.splits.content_hash
 
 
+def artifact_key(config: TrainConfig) -> str:
+    """What identifies a config's shared artifacts without building them: the fields that shape
+    splits, features or teacher logits (data, backbone, pooling, teacher). Trials whose
+    configs share this key share one ``Artifacts``; the rest of the config only shapes training."""
+    shaping = config.model_dump(mode="json", include={"data", "backbone", "pooling", "teacher"})
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def prepare_artifacts(config: TrainConfig, device: str = "cpu") -> Artifacts:
     """Splits, frozen-backbone features and teacher logits, each cached on disk by content hash.
 
@@ -79,15 +88,23 @@ def prepare_artifacts(config: TrainConfig, device: str = "cpu") -> Artifacts:
     splits = checked_splits(config)
     feats = bb.cached_features(config.backbone, config.pooling, config.data.max_len, splits.texts, cache, device)
     inputs = {split: {"features": f} for split, f in feats.items()}
-    if config.needs_backbone_in_loop():
-        tokenizer = bb.load_tokenizer(config.backbone)  # the model itself is loaded once, in train_loop
-        for split, texts in splits.texts.items():
-            inputs[split].update(bb.tokenize(tokenizer, texts, config.data.max_len))
     z_t = teacher_logits(config, splits.texts, splits.clean_train_labels, splits.num_classes, splits.teacher_column, device)
     labels = {s: torch.tensor(v) for s, v in splits.labels.items()}
     for split in ("val", "test"):
         labels[f"{split}_noisy"] = labels[split]
-    return Artifacts(splits, inputs, z_t, labels)
+    return with_tokens(Artifacts(splits, inputs, z_t, labels), config)
+
+
+def with_tokens(art: Artifacts, config: TrainConfig) -> Artifacts:
+    """``art`` with token ids beside the features when the config runs the backbone in the loop
+    (LoRA, embedding-space perturbations). Tokenizing needs only the tokenizer, so a trial that
+    received feature-only artifacts from the driver adds them itself without rebuilding anything."""
+    if not config.needs_backbone_in_loop() or "input_ids" in art.inputs["train"]:
+        return art
+    tokenizer = bb.load_tokenizer(config.backbone)  # the model itself is loaded once, in train_loop
+    inputs = {split: {**art.inputs[split], **bb.tokenize(tokenizer, texts, config.data.max_len)}
+              for split, texts in art.splits.texts.items()}
+    return Artifacts(art.splits, inputs, art.teacher, art.labels)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -221,7 +238,7 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
            artifacts: Artifacts | None, eval_at: Sequence[int]) -> dict[str, float]:
     device = config.resolve_device()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    art = artifacts or prepare_artifacts(config, device)
+    art = with_tokens(artifacts, config) if artifacts is not None else prepare_artifacts(config, device)
     torch.manual_seed(config.seed)  # after preparing: a teacher fine-tune on a cache miss reseeds the global RNG
     to_dev = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
     train, y_train, z_t_train = to_dev(art.inputs["train"]), art.labels["train"].to(device), art.teacher["train"].to(device)
