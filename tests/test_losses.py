@@ -1,4 +1,5 @@
-"""The loss terms and perturbations against hand computations (DESIGN §3)."""
+"""The loss terms and perturbations against hand computations (DESIGN §3), and the AMP gradient-penalty
+recipe: the penalty taken on the grad scaler's scaled gradients, through the real train_step."""
 
 import math
 
@@ -116,3 +117,112 @@ def test_pgd_beats_fgsm_or_ties():
         return F.cross_entropy(head(xp), y)
 
     assert loss(x + pgd_delta(loss, x, 0.2, "l2", steps=10)) >= loss(x + fgsm_delta(loss, x, 0.2, "l2")) - 1e-4
+
+
+# -- AMP: the gradient penalty on the scaled loss's gradients, unscaled ---------------------------------
+
+
+def _head_and_batch(seed: int = 0, scale: float = 1.0):
+    from trainable.backbone import build_student
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 16, generator=g) * scale
+    y, z_t = torch.randint(0, 3, (32,), generator=g), torch.randn(32, 3, generator=g)
+    torch.manual_seed(seed)
+    return build_student("mlp", 32, 16, 3, None, 2), {"features": x}, y, z_t
+
+
+def _todays_penalty(l_nr, params):
+    """The penalty as it was before the scale was threaded through: no scale at all."""
+    grads = torch.autograd.grad(l_nr, params, create_graph=True)
+    return sum(g.float().pow(2).sum() for g in grads)
+
+
+def test_a_disabled_grad_scaler_gives_todays_penalty_bit_for_bit():
+    student, batch, y, _ = _head_and_batch()
+    params = [p for p in student.parameters() if p.requires_grad]
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # what train_loop builds for fp32 / bf16
+    assert scaler.get_scale() == 1.0
+    l_nr = F.cross_entropy(student(batch), y)
+    assert torch.equal(gradient_penalty(l_nr, params, scaler.get_scale()), _todays_penalty(l_nr, params))
+
+
+def test_a_fixed_scale_leaves_the_penalty_unchanged():
+    student, batch, y, _ = _head_and_batch(1)
+    params = [p for p in student.parameters() if p.requires_grad]
+    l_nr = F.cross_entropy(student(batch), y)
+    plain = gradient_penalty(l_nr, params)
+    assert plain.item() > 0
+    # a power of two (every GradScaler factor) scales and unscales exactly
+    assert torch.equal(gradient_penalty(l_nr, params, 2.0**12), plain)
+    assert gradient_penalty(l_nr, params, 1000.0).item() == pytest.approx(plain.item(), rel=1e-6)
+    # and it stays differentiable: d(penalty)/d(theta) is the same with and without the scale
+    (g_plain,) = torch.autograd.grad(gradient_penalty(l_nr, params[:1]), params[0], retain_graph=True)
+    (g_scaled,) = torch.autograd.grad(gradient_penalty(l_nr, params[:1], 2.0**12), params[0])
+    torch.testing.assert_close(g_scaled, g_plain, rtol=1e-6, atol=0)
+
+
+def test_under_fp16_autocast_the_unscaled_penalty_underflows_and_the_scaled_one_does_not():
+    """Why the recipe exists: fp16 gradients of a small loss flush to zero unless the loss is scaled first."""
+    student, batch, y, _ = _head_and_batch(2)
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    def penalty(scale: float, fp16: bool) -> float:
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            l_nr = 1e-6 * F.cross_entropy(student(batch).float(), y)  # gradients ~1e-8: below fp16's smallest
+            return gradient_penalty(l_nr, params, scale).item()
+
+    fp32 = penalty(1.0, fp16=False)
+    assert fp32 > 0
+    assert penalty(1.0, fp16=True) < 0.5 * fp32  # unscaled: the fp16 gradients underflowed
+    assert penalty(2.0**16, fp16=True) == pytest.approx(fp32, rel=1e-2)  # GradScaler's initial scale
+
+
+def _one_sgd_step(scaler, seed: int = 3, scale: float = 1.0, **over):
+    """theta after one real train_step (SGD, so the update is the gradient itself) and its losses."""
+    from trainable.loop import train_step
+
+    cfg = TrainConfig(lambda_reg=1.0, alpha=1.0, clip_grad_norm=None, **over)
+    student, batch, y, z_t = _head_and_batch(seed, scale)
+    params = [p for p in student.parameters() if p.requires_grad]
+    losses = train_step(cfg, student, torch.optim.SGD(params, lr=0.5), scaler, batch, y, z_t, step=0)
+    return [p.detach().clone() for p in params], losses, (student, batch, y, z_t, cfg)
+
+
+def test_train_step_with_a_disabled_scaler_is_the_plain_double_backprop_step():
+    after, losses, (_, batch, y, z_t, cfg) = _one_sgd_step(torch.amp.GradScaler("cuda", enabled=False))
+    fresh = _head_and_batch(3)[0]  # the same initial theta, stepped by hand with today's formula
+    params = [p for p in fresh.parameters() if p.requires_grad]
+    z = fresh(batch)
+    l_nr = F.cross_entropy(z.float(), y)
+    total = cfg.distill_weight * distill_loss(z, z_t, cfg.tau) + l_nr + cfg.lambda_reg * _todays_penalty(l_nr, params)
+    grads = torch.autograd.grad(total, params)
+    for p, g, a in zip(params, grads, after):
+        assert torch.equal(p.detach() - 0.5 * g, a)
+    assert losses["l_reg"] > 0
+
+
+def test_train_step_under_an_enabled_scaler_takes_the_same_fp32_step():
+    """The whole recipe through train_step: scaled penalty, scaled backward, unscale, step."""
+    plain, plain_losses, _ = _one_sgd_step(torch.amp.GradScaler("cuda", enabled=False))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled, scaled_losses, _ = _one_sgd_step(scaler)
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
+    assert scaled_losses == plain_losses
+    assert scaler.get_scale() == 2.0**10  # no overflow, no growth yet: the step was taken
+
+
+def test_an_overflow_of_the_scaled_penalty_skips_the_step_and_a_real_one_diverges():
+    from trainable.loop import Diverged
+
+    # 2^127 times gradients of size ~100 overflows float32 in the penalty's scaled gradients
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    after, losses, _ = _one_sgd_step(scaler, scale=100.0)
+    assert not math.isfinite(losses["l_reg"]) and math.isfinite(losses["l_nr"]) and math.isfinite(losses["l_kd"])
+    start = [p.detach() for p in _head_and_batch(3, 100.0)[0].parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, start))  # the scaler skipped the step...
+    assert scaler.get_scale() == 2.0**126  # ...and backed off, instead of a Diverged
+    # with nothing left to unscale (scale 1) a non-finite penalty is divergence again
+    with pytest.raises(Diverged) as info:
+        _one_sgd_step(torch.amp.GradScaler("cpu", init_scale=1.0), scale=1e20)
+    assert info.value.term in ("loss", "l_reg") and info.value.step == 1

@@ -41,7 +41,7 @@ from trainable.data import TextSplits, checked_splits
 from trainable.data import validate_inputs  # noqa: F401  (re-exported; import it from trainable.data to skip torch)
 from trainable.losses import unified_loss
 from trainable.metrics import evaluate
-from trainable.perturb import make_delta
+from trainable.perturb import Shard, make_delta
 from trainable.teacher import teacher_logits
 
 Report = Callable[..., None]
@@ -168,13 +168,24 @@ def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimi
                world: int = 1) -> dict[str, float]:
     """Optimizer step ``step`` on one batch: L_total = w * L_KD + L_NR + lambda * ||grad_theta L_NR||^2,
     then clipping and AdamW. delta depends on (seed, step) alone. Returns every loss term and the
-    gradient norm; raises ``Diverged`` on a non-finite term."""
+    gradient norm; raises ``Diverged`` on a non-finite term.
+
+    ``world`` > 1 (torch.distributed initialised): the batch is this rank's rows of the global batch
+    (``Shard.rows``) and the step is the one world=1 takes on the whole global batch: delta's radius
+    and noise, the gradient penalty (on the all-reduced gradient) and the returned terms are the
+    global batch's, and a non-finite term on any rank raises ``Diverged`` on every rank.
+
+    An enabled grad scaler (fp16) scales the penalty's gradients too (``gradient_penalty``). A
+    non-finite penalty while its scale is above 1 is then an overflow of the scaled gradients, not
+    divergence: the scaler skips the step and lowers its scale, as for any overflowing gradient."""
     terms, pcfg = config.terms(), config.perturb
     space = pcfg.space
+    shard = Shard(dist.get_rank(), world) if world > 1 else Shard()
     params = [p for p in student.parameters() if p.requires_grad]
     student.train()  # h_theta only: the frozen backbone stays in eval mode (Student.train)
     autocast = torch.autocast(device_type=y.device.type, dtype=DTYPES[config.precision],
                               enabled=config.precision != "fp32")
+    grad_scale = scaler.get_scale() if scaler.is_enabled() else 1.0
     with double_backprop_attention(student.trains_encoder and terms["lambda_reg"] > 0), autocast:
         x = student.represent(batch, space)
         z_s = student.classify(x, batch, space)
@@ -183,12 +194,20 @@ def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimi
             attack_loss = lambda xp: F.cross_entropy(student.classify(xp, batch, space).float(), y)  # noqa: E731
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             delta = make_delta(pcfg.kind, attack_loss, x.detach(), config.epsilon, pcfg.norm, pcfg.steps,
-                               pcfg.step_scale, gen)
+                               pcfg.step_scale, gen, shard)
             z_s_perturbed = student.classify(x + delta, batch, space)
-        out = unified_loss(z_s, z_s_perturbed, z_t, y, params, tau=config.tau, kd_direction=config.kd_direction, **terms)
-    for term, value in out.items():
-        if not torch.isfinite(value):
-            raise Diverged(step + 1, term, value.item())
+        out = unified_loss(z_s, z_s_perturbed, z_t, y, params, tau=config.tau, kd_direction=config.kd_direction,
+                           grad_scale=grad_scale, world=world, **terms)
+    # float64: a sum over ranks of finite float32 terms cannot overflow, so it is finite iff every rank's is
+    values = torch.stack([v.detach().double() for v in out.values()])
+    if world > 1:  # one collective gives every rank the global means and the same verdict below
+        dist.all_reduce(values)
+        values /= world
+    losses = dict(zip(out, values.tolist()))
+    for term, value in losses.items():
+        scaled_overflow = grad_scale > 1.0 and term in ("l_reg", "loss")  # l_kd and l_nr are still checked
+        if not math.isfinite(value) and not scaled_overflow:
+            raise Diverged(step + 1, term, value)
 
     opt.zero_grad(set_to_none=True)
     scaler.scale(out["loss"]).backward()
@@ -200,7 +219,7 @@ def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimi
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm or math.inf)
     scaler.step(opt)
     scaler.update()
-    return {k: v.item() for k, v in out.items()} | {"grad_norm": grad_norm.item()}
+    return losses | {"grad_norm": grad_norm.item()}
 
 
 def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | None = None,
@@ -264,7 +283,7 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
     rungs = {s for s in eval_at if 0 < s < config.budget_steps}
     losses: dict[str, float] = {}
     for step in range(start, config.budget_steps):
-        idx = batch_indices(len(y_train), config.batch_size, config.seed, step)[rank::world]
+        idx = Shard(rank, world).rows(batch_indices(len(y_train), config.batch_size, config.seed, step))
         batch, y, z_t = {k: v[idx] for k, v in train.items()}, y_train[idx], z_t_train[idx]
         losses = train_step(config, student, opt, scaler, batch, y, z_t, step, world)
         done = step + 1

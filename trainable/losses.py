@@ -8,6 +8,7 @@ every term so the loop can log them and name the one that diverged.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -46,14 +47,39 @@ def noise_robust_loss(z_clean: torch.Tensor, z_perturbed: torch.Tensor, y: torch
     return loss
 
 
-def gradient_penalty(l_nr: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
+def gradient_penalty(l_nr: torch.Tensor, params: Iterable[torch.Tensor], scale: float = 1.0,
+                     world: int = 1) -> torch.Tensor:
     """||grad_theta L_NR||^2, the squared L2 norm of the noise-robust loss's gradient.
 
     Built with create_graph=True so the penalty itself is differentiable (double backprop):
     minimising it flattens L_NR around theta, which is what makes the head robust.
+
+    ``scale``: the AMP grad scaler's factor S. The gradient is taken of S * L_NR and divided by S
+    (PyTorch's AMP "gradient penalty" recipe), so fp16 gradients do not underflow; S = 1 is the
+    plain gradient. GradScaler's factors are powers of two, so in fp32 the result does not change by a bit.
+
+    ``world``: W data-parallel ranks, each holding an equal slice of the global batch with L_NR its
+    slice's mean. The penalty is then ||g_bar||^2 of the global gradient g_bar = AR(g_r) / W
+    (AR: a differentiable all-reduce sum), the same on every rank. AR's backward sums the ranks'
+    upstream gradients, which hands each rank W times its share; the loop's averaging of the
+    ranks' theta-gradients divides by W again, so no other factor is needed:
+    mean_r d/dtheta [L_r + lambda ||g_bar||^2] = d/dtheta [L_global + lambda ||g_bar||^2].
+    A per-rank penalty averaged over ranks would instead add lambda times the ranks' gradient variance.
     """
-    grads = torch.autograd.grad(l_nr, [p for p in params if p.requires_grad], create_graph=True)
-    return sum(g.float().pow(2).sum() for g in grads)
+    params = [p for p in params if p.requires_grad]
+    grads = torch.autograd.grad(l_nr * scale if scale != 1.0 else l_nr, params, create_graph=True)
+    if scale != 1.0:
+        grads = [g / scale for g in grads]
+    if world == 1:
+        return sum(g.float().pow(2).sum() for g in grads)
+    from torch.distributed.nn.functional import all_reduce  # differentiable, unlike dist.all_reduce
+
+    with warnings.catch_warnings():
+        # deprecated in recent torch for the private _functional_collectives.all_reduce, which is not
+        # differentiable in every torch this package allows (>= 2.4); this one is
+        warnings.simplefilter("ignore", FutureWarning)
+        g_bar = all_reduce(torch.cat([g.float().flatten() for g in grads])) / world  # one collective in all
+    return g_bar.pow(2).sum()
 
 
 def unified_loss(
@@ -68,14 +94,17 @@ def unified_loss(
     alpha: float,
     lambda_reg: float,
     kd_direction: str = "forward",
+    grad_scale: float = 1.0,
+    world: int = 1,
 ) -> dict[str, torch.Tensor]:
     """L_total = w * L_KD + L_NR + lambda * ||grad_theta L_NR||^2, with every term returned.
 
     A term whose weight is zero is not computed (it would only cost time), and is reported
-    as 0. ``z_s_perturbed`` may be None when alpha == 1.
+    as 0. ``z_s_perturbed`` may be None when alpha == 1. ``grad_scale`` (the AMP scaler's factor)
+    and ``world`` (data-parallel ranks) reach the penalty only: see ``gradient_penalty``.
     """
     zero = z_s.new_zeros((), dtype=torch.float32)
     l_kd = distill_weight * distill_loss(z_s, z_t, tau, kd_direction) if distill_weight > 0 else zero
     l_nr = noise_robust_loss(z_s, z_s_perturbed if z_s_perturbed is not None else z_s, y, alpha)
-    l_reg = lambda_reg * gradient_penalty(l_nr, params) if lambda_reg > 0 else zero
+    l_reg = lambda_reg * gradient_penalty(l_nr, params, grad_scale, world) if lambda_reg > 0 else zero
     return {"loss": l_kd + l_nr + l_reg, "l_kd": l_kd, "l_nr": l_nr, "l_reg": l_reg}
