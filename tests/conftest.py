@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random BERT saved as a real local HF model directory, a small
+"""Shared fixtures: a tiny random BERT and a tiny random Llama saved as real local HF model directories, a small
 labelled CSV, and an isolated cache directory. Real torch/transformers throughout."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from tests.helpers import toy_prompts, write_tiny_bert  # noqa: E402
+from tests.helpers import toy_prompts, write_tiny_bert, write_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +18,14 @@ def tiny_backbone(tmp_path_factory) -> str:
     """A random BertConfig(hidden 32, 2 layers) with MiniLM's real tokenizer, saved to disk."""
     out = tmp_path_factory.mktemp("tiny-bert")
     write_tiny_bert(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A random LlamaConfig(hidden 32, 2 layers) causal LM with a BPE tokenizer that has no pad token, saved to disk."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    write_tiny_llama(out)
     return str(out)
 
 

@@ -1,4 +1,4 @@
-"""Builders and runners the tests share: a tiny random BERT, toy prompts, the CLI under a real
+"""Builders and runners the tests share: a tiny random BERT and Llama, toy prompts, the CLI under a real
 pseudo-terminal, and the check that a sweep's Optuna study agrees with its MLflow runs.
 
 The benchmarks' smoke run builds its assets with the same builders (benchmarks/common.py)."""
@@ -40,6 +40,35 @@ def write_tiny_bert(out: Path) -> None:
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=128)
     BertModel(cfg).save_pretrained(out)
+
+
+def write_tiny_llama(out: Path, classifier: bool = False) -> None:
+    """A random LlamaConfig(hidden 32, 2 layers, 2 heads) saved to ``out`` as a real local Llama
+    directory (``LlamaForCausalLM`` weights, as released checkpoints are; ``classifier``: a
+    ``LlamaForSequenceClassification`` with 2 labels instead, a teacher for ``source: model``), with a
+    byte-level BPE tokenizer trained here on the toy prompts: bos/eos/unk and, like Llama's own,
+    NO pad token. Built offline: there is no model hub here."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([text for text, _ in toy_prompts()], trainer)
+    bos = bpe.token_to_id("<s>")
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])  # Llama adds bos
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tokenizer.pad_token is None
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=bos, eos_token_id=bpe.token_to_id("</s>"), pad_token_id=None, num_labels=2)
+    (LlamaForSequenceClassification if classifier else LlamaForCausalLM)(cfg).save_pretrained(out)
 
 
 def toy_prompts(n: int = 240) -> list[tuple[str, str]]:

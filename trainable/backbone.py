@@ -4,6 +4,10 @@ Most trials never run the backbone: with a linear/MLP head and perturbations in 
 the student only sees pooled features, which are computed once per (backbone, dataset,
 max_len, pooling) and reused by every trial and every later sweep. The backbone runs inside
 the loop only for LoRA heads or embedding-space perturbations.
+
+Any local HF model ``AutoModel`` loads is a backbone: sentence encoders (``mean`` / ``cls``
+pooling) and decoder-only LLMs (``last`` pooling, weights in bf16 on CUDA). Large feature jobs
+run as Ray Data actors (trainable/features.py); the cache entry is the same either way.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainable.config import hub_offline
+from trainable.config import ConfigError, FeaturesConfig, hub_offline
 
 CACHE_STATS = {"feature_hits": 0, "feature_misses": 0}
 """Counts cache lookups in this process, so tests and benchmarks can see reuse."""
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def backbone_path(name: str) -> str:
@@ -44,27 +50,67 @@ def backbone_fingerprint(name: str) -> str:
 
 
 def load_tokenizer(name: str):
-    """The backbone's tokenizer alone: tokenizing splits needs no weights."""
+    """The backbone's tokenizer alone, ready to pad batches: tokenizing splits needs no weights."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(backbone_path(name), local_files_only=hub_offline())
+    return with_padding(AutoTokenizer.from_pretrained(backbone_path(name), local_files_only=hub_offline()), name)
 
 
-def load_backbone(name: str) -> tuple[object, nn.Module]:
-    """(tokenizer, encoder model) from a local directory, without touching the network."""
+def with_padding(tokenizer, name: str = "backbone"):
+    """``tokenizer`` padding on the right, with a pad token.
+
+    Most decoder-only LLMs ship without one; eos stands in (the usual recipe), else unk: pads
+    are masked out of attention and pooling, so which id fills them does not change a feature.
+    Right, whatever the tokenizer's own default: a causal model's states before the pads are then
+    those of the unpadded text, whatever else is in the batch, and every text's positions start
+    at 0 (left padding shifts them unless position ids are passed). ``pool`` finds the last real
+    token from the mask, so it is correct for either side."""
+    if tokenizer.pad_token is None:
+        stand_in = tokenizer.eos_token or tokenizer.unk_token
+        if stand_in is None:
+            raise ConfigError(f"backbone: the tokenizer of '{name}' has no pad, eos or unk token to pad batches with; "
+                              "add a pad_token to its tokenizer_config.json")
+        tokenizer.pad_token = stand_in
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The weights' dtype where the backbone runs: ``auto`` is bf16 on CUDA (half the memory of
+    fp32, the dtype LLMs are released in) and fp32 on CPU (most CPUs have no fast bf16 matmul)."""
+    if dtype == "auto":
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    return dtype
+
+
+def load_backbone(name: str, dtype: str = "fp32") -> tuple[object, nn.Module]:
+    """(tokenizer, base model) from a local directory, without touching the network.
+
+    ``AutoModel`` gives the base model of any checkpoint (an encoder, or the decoder stack of a
+    ``*ForCausalLM`` directory, without its LM head), whose ``last_hidden_state`` is pooled. The
+    dtype is explicit: transformers' own default loads a checkpoint in the dtype it was saved in."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load is noise in a sweep of hundreds of trials
-    return load_tokenizer(name), AutoModel.from_pretrained(backbone_path(name), local_files_only=hub_offline())
+    model = AutoModel.from_pretrained(backbone_path(name), dtype=WEIGHT_DTYPES[dtype], local_files_only=hub_offline())
+    model.config.use_cache = False  # it never generates: a decoder's key/value cache would only take memory
+    return load_tokenizer(name), model
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Sentence vector from token states: masked mean (sentence-transformers' default) or [CLS]."""
+    """Sentence vector from token states: masked mean (sentence-transformers' default), [CLS]
+    (position 0), or the last non-pad token (decoder-only LLMs: the one state that has seen the
+    whole text), found from the mask, so left and right padding both work."""
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "last":
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (positions * attention_mask).argmax(1)  # the highest position whose mask is 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    # summed in fp32: a running bf16 sum over many tokens loses the low bits of every state
+    return ((hidden.float() * mask.float()).sum(1) / mask.float().sum(1).clamp_min(1.0)).to(hidden.dtype)
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
@@ -101,25 +147,44 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
 
 
 def cached_features(
-    backbone: str, pooling: str, max_len: int, texts: dict[str, list[str]], cache_dir: Path, device: str = "cpu"
+    backbone: str, pooling: str, max_len: int, texts: dict[str, list[str]], cache_dir: Path, device: str = "cpu",
+    *, dtype: str = "auto", features: FeaturesConfig | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Pooled features of every split, computed once per (backbone, texts, max_len, pooling).
+    """Pooled features of every split, computed once per (backbone, texts, max_len, pooling, dtype).
 
     Keyed by the texts, not the whole dataset hash: label noise changes labels only, so every
-    noise level of a sweep shares one set of features."""
-    texts_hash = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()
-    key = hashlib.sha256(f"{backbone_fingerprint(backbone)}|{texts_hash}|{max_len}|{pooling}".encode()).hexdigest()[:20]
+    noise level of a sweep shares one set of features. ``dtype`` is resolved where the backbone
+    will run (``device`` here, or the Ray Data actors' device: ``features``), and the key holds
+    the result, so bf16 and fp32 extractions never collide."""
+    from trainable.features import extract_with_ray, plan
+
+    features = features or FeaturesConfig()
+    where = plan(features, backbone, max_len, sum(map(len, texts.values())), device)
+    weights = resolve_dtype(dtype, where.device)
+    key = feature_key(backbone, texts, max_len, pooling, weights)
     path = cache_dir / "features" / f"{key}.pt"
     if path.is_file():
         CACHE_STATS["feature_hits"] += 1
         return torch.load(path, weights_only=True)
     CACHE_STATS["feature_misses"] += 1
     record_miss(cache_dir, "features", key)
-    tokenizer, model = load_backbone(backbone)
-    encoder = Encoder(model, pooling)
-    feats = {split: encode_texts(encoder, tokenizer, t, max_len, device=device) for split, t in texts.items()}
+    if where.actors:
+        feats = extract_with_ray(backbone, pooling, max_len, weights, texts, path.with_suffix(".shards"), where, features)
+    else:
+        tokenizer, model = load_backbone(backbone, weights)
+        encoder = Encoder(model, pooling)
+        feats = {split: encode_texts(encoder, tokenizer, t, max_len, features.batch_size, device)
+                 for split, t in texts.items()}
     atomic_save(feats, path)
     return feats
+
+
+def feature_key(backbone: str, texts: dict[str, list[str]], max_len: int, pooling: str, weights: str) -> str:
+    """The cache key of one extraction. fp32 keys keep the form they had before the dtype was a
+    knob, so feature caches written then stay valid; any other dtype is part of the key."""
+    texts_hash = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()
+    parts = [backbone_fingerprint(backbone), texts_hash, str(max_len), pooling] + ([weights] if weights != "fp32" else [])
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
 def record_miss(cache_dir: Path, kind: str, key: str) -> None:

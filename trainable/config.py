@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 # There is no model hub here, and on a cluster a hub lookup is a slow, silent network wait:
 # fail fast unless the user opts in by setting HF_HUB_OFFLINE=0 explicitly.
@@ -23,6 +23,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
 
 BUILTIN_DATASETS = ("safety", "sentiment")
 BUILTIN_BACKBONES = ("all-MiniLM-L6-v2",)
+FINETUNE_MAX_PARAMS = 1_000_000_000
+"""Above this many backbone parameters `teacher.source: finetune` is refused: the teacher is
+fine-tuned end to end in the sweep's driver (fp32 weights + AdamW state is ~16 bytes per
+parameter before activations, ~16 GB at 1B), which is not what anyone wants for an LLM."""
 DATA_FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 
 
@@ -129,6 +133,36 @@ class TeacherConfig(StrictModel):
         return self
 
 
+class FeaturesConfig(StrictModel):
+    """Where the frozen backbone's pooled features are computed (never what they are: the cache
+    key ignores these fields, and both paths give the same features for the same dtype).
+
+    In this process (the driver), or as a Ray Data ``map_batches`` over an actor pool when Ray
+    is initialised in this process and the job is large. Large means an estimated forward cost,
+    2 x backbone parameters x texts x max_len FLOPs, of at least ``large_tflops``: the built-in
+    sets through MiniLM are ~5 TFLOP, through an 8B LLM ~2,000."""
+
+    actors: int | Literal["auto"] = "auto"
+    """auto: one actor per GPU of the cluster for a large job when the cluster has GPUs, else this
+    process; 0: always this process; N: N actors whenever Ray is initialised (forces Ray Data)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """What each actor takes: cuda (one GPU), cpu (one CPU); auto: cuda when the cluster has GPUs
+    when extraction starts. Set cuda with an explicit `actors` for GPU nodes an autoscaler adds."""
+    large_tflops: float = Field(100.0, ge=0.0)
+    batch_size: int = Field(64, ge=1)
+    """Texts per forward pass, in this process and in each actor."""
+    shard_texts: int = Field(256, ge=1)
+    """Texts per Ray Data shard: one cache file each, so an interrupted extraction resumes by shard."""
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors_known(cls, actors: Any) -> int | str:
+        """One message for every bad value (a union would report one error per member)."""
+        if actors == "auto" or (isinstance(actors, int) and not isinstance(actors, bool) and actors >= 0):
+            return actors
+        raise ValueError(f"must be auto, 0 (this process) or a number of Ray Data actors >= 1 (got {actors!r})")
+
+
 Method = Literal["ckt_ro", "ce", "kd", "adv"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -139,7 +173,12 @@ class TrainConfig(StrictModel):
     method: Method = "ckt_ro"
     """ckt_ro: the full method; baselines switch terms off: ce (w=0, alpha=1, lambda=0), kd (alpha=1), adv (w=0)."""
     backbone: str = "all-MiniLM-L6-v2"
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    """mean: masked mean (sentence encoders); cls: the first token; last: the last non-pad token
+    (decoder-only LLMs, where it is the only token that has seen the whole text)."""
+    backbone_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Weights of the frozen backbone while features are computed; auto: bf16 on CUDA, fp32 on CPU."""
+    features: FeaturesConfig = FeaturesConfig()
     head: Literal["linear", "mlp", "lora"] = "mlp"
     head_hidden: int = Field(256, ge=1)
     lora_rank: int = Field(8, ge=1)
@@ -180,6 +219,37 @@ class TrainConfig(StrictModel):
             )
         return backbone
 
+    @field_validator("pooling")
+    @classmethod
+    def _pooling_fits_backbone(cls, pooling: str, info: ValidationInfo) -> str:
+        """``cls`` on a decoder-only model is position 0 (its BOS token), which attends to nothing
+        after itself: every text would get the same feature vector. Refuse it rather than train on that."""
+        backbone = info.data.get("backbone")
+        if pooling == "cls" and backbone and Path(backbone).expanduser().is_dir():
+            from trainable.model_files import is_decoder_only, model_type
+
+            if is_decoder_only(Path(backbone).expanduser()):
+                raise ValueError(f"'cls' is the first token of the decoder-only backbone "
+                                 f"({model_type(Path(backbone).expanduser())}), which sees no other token, so every "
+                                 "text would get the same features; allowed for this backbone: last, mean")
+        return pooling
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_fits_backbone(cls, teacher: TeacherConfig, info: ValidationInfo) -> TeacherConfig:
+        """Refuse fine-tuning an LLM-sized backbone as the teacher up front, not hours into the driver."""
+        backbone = info.data.get("backbone")
+        if teacher.source != "finetune" or not backbone or not Path(backbone).expanduser().is_dir():
+            return teacher
+        from trainable.model_files import parameter_count
+
+        params = parameter_count(Path(backbone).expanduser()) or 0
+        if params > FINETUNE_MAX_PARAMS:
+            raise ValueError(f"source 'finetune' would fine-tune all {params / 1e9:.1f}B parameters of the backbone in "
+                             f"the driver (limit {FINETUNE_MAX_PARAMS / 1e9:.0f}B); allowed at this size: "
+                             "source: model (path: a fine-tuned classifier directory) or source: column (logits in the data)")
+        return teacher
+
     # -- derived views -------------------------------------------------------------------
 
     def terms(self) -> dict[str, float]:
@@ -199,6 +269,14 @@ class TrainConfig(StrictModel):
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    def check_workers(self, workers: int, field: str = "workers") -> None:
+        """Refuse a data-parallel launch whose batches cannot split evenly: the loop's objective
+        is the mean over the global batch, which equals the mean of the ranks' means only for
+        equal shards (trainable/perturb.Shard)."""
+        if workers > 1 and self.batch_size % workers:
+            raise ConfigError(f"batch_size: {self.batch_size} does not split evenly over {field}={workers}; "
+                              f"allowed: a multiple of {workers}")
 
     def resolve_device(self) -> str:
         """Pick the device and refuse precisions it cannot run, before any work starts."""

@@ -86,7 +86,8 @@ def prepare_artifacts(config: TrainConfig, device: str = "cpu") -> Artifacts:
     before any feature is computed, however the loop was reached."""
     cache = config.resolved_cache_dir()
     splits = checked_splits(config)
-    feats = bb.cached_features(config.backbone, config.pooling, config.data.max_len, splits.texts, cache, device)
+    feats = bb.cached_features(config.backbone, config.pooling, config.data.max_len, splits.texts, cache, device,
+                               dtype=config.backbone_dtype, features=config.features)
     inputs = {split: {"features": f} for split, f in feats.items()}
     z_t = teacher_logits(config, splits.texts, splits.clean_train_labels, splits.num_classes, splits.teacher_column, device)
     labels = {s: torch.tensor(v) for s, v in splits.labels.items()}

@@ -3,7 +3,9 @@
 The default teacher is the backbone fine-tuned end to end on the train split: a stronger
 model than the frozen-feature student (DESIGN §5 measured 90% vs 81% on `safety`), which is
 what makes distillation worth having. Its fine-tuning seed is fixed, independent of the trial
-seed, so every trial of a sweep distils from the same teacher.
+seed, so every trial of a sweep distils from the same teacher. It runs in fp32 in the driver,
+so TrainConfig refuses it for backbones above ``FINETUNE_MAX_PARAMS`` (an 8B LLM): there the
+teacher is a classifier fine-tuned elsewhere (``source: model``) or logits in the data (``column``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainable.backbone import Encoder, atomic_save, backbone_fingerprint, load_backbone, record_miss, tokenize
+from trainable.backbone import (Encoder, atomic_save, backbone_fingerprint, load_backbone, load_tokenizer, record_miss,
+                                tokenize)
 from trainable.config import TrainConfig
 
 TEACHER_SEED = 0
@@ -78,10 +81,16 @@ class _HFClassifier(nn.Module):
 
 
 def _load_classifier(path: str) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """A local HF sequence classifier. A decoder-only one (``LlamaForSequenceClassification``)
+    reads its logits at the last token that is not ``config.pad_token_id``, and refuses batches
+    without one: it gets the tokenizer's pad (eos where the tokenizer has none, ``with_padding``)."""
+    from transformers import AutoModelForSequenceClassification
 
-    return _HFClassifier(AutoTokenizer.from_pretrained(path, local_files_only=True),
-                         AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True))
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return _HFClassifier(tokenizer, model)
 
 
 def finetune_teacher(config: TrainConfig, texts: list[str], labels: list[int], num_classes: int, device: str) -> nn.Module:
