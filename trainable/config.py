@@ -146,9 +146,10 @@ class FeaturesConfig(StrictModel):
     """auto: one actor per GPU of the cluster for a large job when the cluster has GPUs, else this
     process; 0: always this process; N: N actors whenever Ray is initialised (forces Ray Data)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """What each actor takes: cuda (one GPU), cpu (one CPU); auto: cuda when the cluster has GPUs
-    when extraction starts. Set cuda with an explicit `actors` for GPU nodes an autoscaler adds."""
+    """With an explicit `actors`, what each actor takes: cuda (one GPU), cpu (one CPU); auto: cuda when
+    the cluster has GPUs when extraction starts (set cuda for GPU nodes an autoscaler has yet to add)."""
     large_tflops: float = Field(100.0, ge=0.0)
+    """`actors: auto` takes the Ray Data path from this estimated forward cost up (TFLOP)."""
     batch_size: int = Field(64, ge=1)
     """Texts per forward pass, in this process and in each actor."""
     shard_texts: int = Field(256, ge=1)
