@@ -58,16 +58,17 @@ def train(
     from trainable.data import validate_inputs
 
     validate_inputs(cfg)
+    cfg.check_workers(workers, "--workers")
     if workers > 1:
         import ray
 
         from trainable.loop import prepare_artifacts
         from trainable.worker import fit_with_ray_train
 
-        prepare_artifacts(cfg, device)  # once, in this process; the workers then hit the cache
+        artifacts = prepare_artifacts(cfg, device)  # once, here; the workers get them through the object store
         ray.init(num_cpus=max(2, workers), include_dashboard=False, log_to_driver=False)
         try:
-            final = fit_with_ray_train(cfg, workers, use_gpu=device == "cuda")
+            final = fit_with_ray_train(cfg, workers, use_gpu=device == "cuda", artifacts=ray.put(artifacts))
         finally:
             ray.shutdown()
     else:

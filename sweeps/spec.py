@@ -213,6 +213,8 @@ class SweepSpec(StrictModel):
                 raise ValueError(f"sampler.kind=grid needs every space entry to be grid or choice; not: {', '.join(bad)}")
         elif any(d.kind == "grid" for d in self.space.values()):
             raise ValueError("space: kind=grid needs sampler.kind=grid (other samplers take choice)")
+        if self.resources.mode() == "torch_trainer":
+            _check_batch_splits(self)
         if self.scheduler.kind == "moasha" and self.resources.mode() == "torch_trainer":
             # the Tune trial only waits on TorchTrainer.fit there: nothing reports at a rung to stop
             raise ValueError("scheduler: kind=moasha stops in-process trials at rungs; resources.workers_per_trial="
@@ -267,6 +269,23 @@ class SweepSpec(StrictModel):
             return [build_config(TrainConfig, self.base_train())]
         combos = itertools.product(*[d.values for d in shaping.values()])
         return [build_config(TrainConfig, deep_merge(self.base_train(), nest(dict(zip(shaping, c))))) for c in combos]
+
+
+def _check_batch_splits(spec: SweepSpec) -> None:
+    """Every batch size a TorchTrainer trial can get must split evenly over its workers."""
+    workers = spec.resources.workers_per_trial
+    dim = spec.space.get("batch_size")
+    if dim is None:
+        size = build_config(TrainConfig, spec.base_train()).batch_size
+        if size % workers:
+            raise ValueError(f"train.batch_size: {size} does not split evenly over resources.workers_per_trial="
+                             f"{workers}; allowed: a multiple of {workers}")
+    elif not dim.values:
+        raise ValueError(f"space.batch_size: a range cannot guarantee batches that split over resources.workers_per_trial"
+                         f"={workers}; allowed: kind=choice of multiples of {workers}")
+    elif bad := [v for v in dim.values if int(v) % workers]:
+        raise ValueError(f"space.batch_size: {bad} do not split evenly over resources.workers_per_trial={workers}; "
+                         f"allowed: multiples of {workers}")
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:

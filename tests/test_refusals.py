@@ -189,3 +189,20 @@ def test_moasha_with_a_torch_trainer_trial_is_refused_with_the_reason(tmp_path):
     refused(out, "scheduler", "workers_per_trial=2", "kind=fifo")
     assert load_spec("pareto", ["scheduler.kind=moasha"]).scheduler.reduction_factor == 3  # the default is fine
     assert load_spec("pareto").scheduler.kind == "fifo"
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (["train.batch_size=63"], ["train.batch_size", "63", "workers_per_trial=2", "multiple of 2"]),
+    (["space.batch_size={kind: choice, values: [32, 33]}"], ["space.batch_size", "[33]", "multiples of 2"]),
+    (["space.batch_size={kind: int, low: 16, high: 64}"], ["space.batch_size", "range", "kind=choice"]),
+])
+def test_batches_that_cannot_split_over_the_workers_are_refused(tmp_path, overrides, names):
+    """A TorchTrainer trial optimises the global batch's mean: only equal shards make it so."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [a for o in ["resources.workers_per_trial=2", "resources.cpus_per_worker=0.5", *overrides] for a in ("--set", o)]
+    refused(cli(tmp_path, "sweep", "pareto", *sets, "--tracking-uri", uri), *names)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_train_refuses_workers_that_cannot_split_the_batch(tmp_path):
+    refused(cli(tmp_path, "train", "--workers", "3", "--set", "batch_size=64"), "batch_size", "--workers=3", "multiple of 3")

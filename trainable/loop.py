@@ -11,7 +11,9 @@ Features:
 - the frozen backbone stays in eval mode (no dropout) even while h_theta trains;
 - inputs that cannot work (``validate_inputs``) refused with a ConfigError before any feature;
 - data parallel across processes when torch.distributed is initialised (Ray Train
-  TorchTrainer): each rank takes a slice of the batch and gradients are averaged;
+  TorchTrainer), optimising the same objective as one process: each rank takes an equal shard of
+  the global batch, the gradient penalty is taken on the all-reduced gradient, epsilon's radius on
+  the global batch, and a non-finite term on any rank stops every rank;
 - a non-finite loss term raises ``Diverged`` naming the step and the term;
 - the fixed evaluation (DESIGN §4) on validation, reported under the plain metric names (what a
   searcher selects on, also at early-stopping rungs), and on test as ``test_<name>`` (the report).
