@@ -264,7 +264,8 @@ class SweepSpec(StrictModel):
         """One config per distinct set of shared artifacts: the searched fields that change the
         data, backbone or teacher take each of their listed values; the rest stay at base."""
         shaping = {k: d for k, d in self.space.items()
-                   if k.split(".")[0] in ("data", "backbone", "teacher", "pooling") and d.values}
+                   if k.split(".")[0] in ("data", "backbone", "backbone_dtype", "teacher", "pooling")
+                   and d.values}
         if not shaping:
             return [build_config(TrainConfig, self.base_train())]
         combos = itertools.product(*[d.values for d in shaping.values()])

@@ -147,9 +147,15 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
     # imports and disk: the shared artifacts (once, here; then put in Ray's object store, where
     # every trial on every node reads them) and the MLflow store (a fresh sqlite db migrates its
     # schema for ~1.4 s).
-    prepared = _in_background(_prepare, spec, tracking_uri, sweep_path)
+    target = address or os.environ.get("RAY_ADDRESS")
+    ray_up = threading.Event() if _features_may_use_ray(spec, target) else None
+    prepared = _in_background(_prepare, spec, tracking_uri, sweep_path, ray_up)
     try:
-        local = _start_ray(address)
+        try:
+            local = _start_ray(address)
+        finally:
+            if ray_up is not None:
+                ray_up.set()
         _check_fits(spec, local)
         arts, baseline = prepared.result()
         # Once, here: every trial on every node reads them from the object store (DESIGN §2).
@@ -363,13 +369,33 @@ def _in_background(fn, *args) -> Future:
     return future
 
 
-def _prepare(spec: SweepSpec, tracking_uri: str, sweep_path: str) -> tuple[dict[str, Any], dict[str, float] | None]:
+def _features_may_use_ray(spec: SweepSpec, target: str | None) -> bool:
+    """Whether the driver's feature extraction may run as Ray Data actors (trainable/features.py),
+    so preparing must wait for Ray: any variant with an explicit actor count, or ``actors: auto``
+    where GPUs may exist (a cluster, or a local CUDA device). An embedded Ray on a CPU machine
+    never takes that path, so there preparing overlaps Ray's start-up."""
+    actors = {cfg.features.actors for cfg in spec.artifact_variants()}
+    if actors == {0}:
+        return False
+    if actors != {"auto"}:
+        return True
+    import torch
+
+    return bool(target) or torch.cuda.is_available()
+
+
+def _prepare(spec: SweepSpec, tracking_uri: str, sweep_path: str,
+             ray_up: threading.Event | None = None) -> tuple[dict[str, Any], dict[str, float] | None]:
     """The shared artifacts by ``artifact_key`` (each built once, or read from this machine's disk
     cache), an initialised MLflow store (nothing logged yet), and the plain-CE baseline's final
     metrics when the sweep needs them as its hypervolume reference (no explicit ``reference``, no
-    baseline run yet): one training on the cached features, run here while Ray starts."""
+    baseline run yet): one training on the cached features, run here while Ray starts.
+    ``ray_up``: wait for it before building, so that the choice of where features are computed
+    (this process or Ray Data actors) never depends on which thread won the race."""
     from trainable.loop import artifact_key, prepare_artifacts, train_loop
 
+    if ray_up is not None:
+        ray_up.wait()
     arts = {artifact_key(cfg): prepare_artifacts(cfg) for cfg in spec.artifact_variants()}
     tracking.open_store(tracking_uri)
     if spec.reference is not None or tracking.sweep_has_baseline(tracking_uri, spec.experiment_name, sweep_path):

@@ -205,3 +205,14 @@ def test_two_trial_sweep_on_the_tiny_llama(tmp_path, tiny_llama, toy_csv):
     assert baseline.data.params["pooling"] == "last" and baseline.data.params["backbone"] == tiny_llama
     assert_study_agrees_with_mlflow(uri, "llama", 2, OBJ)
     assert len(list((tmp_path / "cache" / "teacher").glob("*.pt"))) == 1  # the Llama teacher, fine-tuned once
+
+
+def test_the_sweep_waits_for_ray_before_preparing_features_that_may_run_on_it():
+    """Where features are computed must not depend on whether Ray won the start-up race."""
+    from sweeps.spec import load_spec
+    from sweeps.tune import _features_may_use_ray
+
+    assert not _features_may_use_ray(load_spec("pareto"), None)  # embedded Ray on this CPU machine
+    assert _features_may_use_ray(load_spec("pareto"), "10.0.0.5:6379")  # a cluster may have GPUs
+    assert _features_may_use_ray(load_spec("pareto", ["train.features.actors=2"]), None)
+    assert not _features_may_use_ray(load_spec("pareto", ["train.features.actors=0"]), "10.0.0.5:6379")

@@ -75,9 +75,10 @@ class Artifacts:
 
 def artifact_key(config: TrainConfig) -> str:
     """What identifies a config's shared artifacts without building them: the fields that shape
-    splits, features or teacher logits (data, backbone, pooling, teacher). Trials whose
-    configs share this key share one ``Artifacts``; the rest of the config only shapes training."""
-    shaping = config.model_dump(mode="json", include={"data", "backbone", "pooling", "teacher"})
+    splits, features or teacher logits (data, backbone, its weights' dtype, pooling, teacher).
+    Trials whose configs share this key share one ``Artifacts``; the rest of the config only shapes
+    training. (``features`` says where features are computed, never what they are: not a part.)"""
+    shaping = config.model_dump(mode="json", include={"data", "backbone", "backbone_dtype", "pooling", "teacher"})
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
