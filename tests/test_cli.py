@@ -26,6 +26,7 @@ def run_cli(*args, timeout=600, env=None):
     ("data.name=/nonexistent/prompts.csv", "data.name", "safety, sentiment"),
     ("alhpa=0.3", "alhpa", "alpha"),
     ("backbone=bert-base-uncased", "backbone", "all-MiniLM-L6-v2 or a local directory"),
+    (f"backbone={Path(__file__).parent}", "backbone", "not a Hugging Face model"),  # a directory, but no model
     ("precision=fp16", "precision", "fp32, bf16"),  # no CUDA here
 ])
 def test_bad_input_exits_2_with_one_line(setting, field, allowed, tmp_path):

@@ -211,7 +211,21 @@ class TrainConfig(StrictModel):
     @field_validator("backbone")
     @classmethod
     def _backbone_is_local(cls, backbone: str) -> str:
-        if backbone in BUILTIN_BACKBONES or Path(backbone).expanduser().is_dir():
+        if backbone in BUILTIN_BACKBONES:
+            return backbone
+        if Path(backbone).expanduser().is_dir():
+            # a directory that is not a model fails deep inside transformers otherwise, after the data is built
+            from trainable.model_files import model_type
+
+            try:
+                kind = model_type(Path(backbone).expanduser())
+            except (ValueError, OSError) as err:
+                raise ValueError(f"'{backbone}/config.json' does not read as JSON ({err}); allowed: "
+                                 f"{', '.join(BUILTIN_BACKBONES)} or a Hugging Face model directory") from None
+            if not kind:
+                raise ValueError(f"'{backbone}' is a directory but not a Hugging Face model (no config.json with a "
+                                 f"model_type); allowed: {', '.join(BUILTIN_BACKBONES)} or a model directory "
+                                 "(config.json, weights, tokenizer)")
             return backbone
         if hub_offline():
             raise ValueError(
