@@ -194,6 +194,17 @@ def test_too_few_items_names_the_classes_a_split_lacks(tmp_path):
         data.load_splits(data.DataConfig(name=str(path)), tmp_path)
 
 
+def test_a_label_column_with_a_value_per_row_is_named_and_the_class_lists_stay_short(tmp_path):
+    """A file made for something else: its "label" is a price, one class per row."""
+    path = tmp_path / "prices.csv"
+    df = prompts(60, ["a", "b"])
+    df["label"] = [f"{1000 + 7 * i}" for i in range(60)]
+    df.to_csv(path, index=False)
+    with pytest.raises(ConfigError, match=r"60 classes for 60 items: is data.label_column 'label' a class label\?") as err:
+        data.load_splits(data.DataConfig(name=str(path)), tmp_path)
+    assert "more)" in str(err.value) and len(str(err.value)) < 1000
+
+
 def test_dropping_rows_that_leave_one_class_says_so(tmp_path):
     path = tmp_path / "mostly_empty.csv"
     df = prompts(60, ["a", "b"])

@@ -601,7 +601,8 @@ def _split_problems(parts: dict[str, list[int]], labels: list[int], label_names:
         present = {labels[i] for i in parts[split]}
         missing = [repr(name) for c, name in enumerate(label_names) if c not in present]
         if missing:
-            problems.append(f"{split} lacks class {', '.join(missing)}")
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            problems.append(f"{split} lacks class {', '.join(missing[:5])}{more}")
     return problems
 
 
@@ -612,8 +613,11 @@ def _check_split_sizes(parts: dict[str, list[int]], labels: list[int], label_nam
         held = f" with data.shift='{cfg.shift}'" if cfg.shift else ""
         counts = " / ".join(f"{k} {len(parts[k])}" for k in SPLITS)
         everywhere = "train and val" if cfg.shift else "train, val and test"
+        # a label column with a value per row (an id, a price) is the usual cause of a long class list
+        hint = (f" ({len(label_names)} classes for {len(labels)} items: is data.label_column "
+                f"'{cfg.label_column}' a class label?)" if len(label_names) > max(10, len(labels) // 4) else "")
         raise ConfigError(f"data.name: '{cfg.name}'{held} is too small to measure anything: {len(labels)} items split "
-                          f"into {counts}; {'; '.join(problems)}; need every class in {everywhere} and at least "
+                          f"into {counts}; {'; '.join(problems)}{hint}; need every class in {everywhere} and at least "
                           f"{MIN_EVAL_ITEMS} items in val and in test")
 
 
