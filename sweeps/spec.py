@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from trainable.config import (

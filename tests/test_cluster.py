@@ -19,7 +19,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -183,9 +182,12 @@ def test_a_node_that_dies_costs_only_its_trials_progress(cluster, tmp_path, tiny
     out = _finish(driver)
     assert_study_agrees_with_mlflow(uri, "node-kill", 4, OBJ)  # 4 finished, no duplicates, none RUNNING
 
-    _, _, children = runs_of(uri, "node-kill")
+    client, _, children = runs_of(uri, "node-kill")
     resumed = [c for c in children if "resumed_from_step" in c.data.tags]
     assert resumed, out[-3000:]
-    for c in resumed:  # continued on the head from its last checkpoint, not from step 0
-        assert int(c.data.tags["resumed_from_step"]) >= 100 and c.data.tags["ray_node_id"] == head.node_id
+    for c in resumed:  # continued on the head from its last checkpoint, not from step 0, in the same run
+        step = int(c.data.tags["resumed_from_step"])
+        assert step >= 100 and step % 50 == 0 and c.data.tags["ray_node_id"] == head.node_id
+        assert c.data.tags["restarts"] == "1"
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "loss")][-1] == 600
     assert all(c.info.status == "FINISHED" for c in children)

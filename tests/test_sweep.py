@@ -6,7 +6,6 @@ import json
 import re
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -155,63 +154,6 @@ def test_diverging_trial_fails_and_the_sweep_goes_on(tmp_path, tiny_backbone, to
     assert "Diverged" in failed.data.tags["failure"] and "step" in failed.data.tags["failure"]
     study = optuna.load_study(study_name=parents[0].data.tags["optuna_study"], storage=study_storage(parents[0].data.tags["optuna_storage"]))
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]  # never a NaN, never left RUNNING
-
-
-def _trial_workers(pid: int) -> list:
-    """The Ray worker processes running a Tune trial, among the descendants of the CLI process
-    (Ray titles a worker by the actor method it runs: ``ray::ImplicitFunc.train``)."""
-    import psutil
-
-    found = []
-    for proc in psutil.Process(pid).children(recursive=True):
-        try:
-            if "ImplicitFunc" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-def _logged_loss_step(db: Path) -> int:
-    """The highest step at which any child run has logged its loss (flushed at each checkpoint)."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute("select coalesce(max(step), 0) from metrics where key = 'loss'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
-def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_backbone, toy_csv):
-    """The trial's worker process is SIGKILLed from outside, after its checkpoint at step >= 40."""
-    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="killed", trials=1, concurrency=1)
-    raw = yaml.safe_load(spec.read_text())
-    raw["train"].update({"budget_steps": 600, "checkpoint_every": 20, "log_every": 20})
-    spec.write_text(yaml.safe_dump(raw))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [str(BIN), "sweep", str(spec), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed_at = 0
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not killed_at:
-        step = _logged_loss_step(tmp_path / "mlflow.db")
-        workers = _trial_workers(proc.pid) if step >= 40 else []
-        if workers:
-            for w in workers:
-                w.kill()
-            killed_at = step
-        time.sleep(0.2)
-    out, _ = proc.communicate(timeout=600)
-    assert killed_at, "the trial ended before its worker could be killed\n" + out[-2000:]
-    assert proc.returncode == 0, out[-4000:]
-    client, parents, children = runs_of(uri, "killed")
-    assert len(children) == 1  # the retry reopened the same run, it did not split it
-    child = children[0]
-    assert child.info.status == "FINISHED"
-    assert child.data.tags["restarts"] == "1"
-    resumed = int(child.data.tags["resumed_from_step"])
-    assert resumed >= 40 and resumed % 20 == 0 and resumed < 600  # from a checkpoint, not from scratch
-    steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
-    assert steps[-1] == 600
 
 
 def _sigkill_and_resume(tmp_path, spec, proc) -> None:
