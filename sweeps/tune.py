@@ -162,12 +162,14 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
         shared = {key: ray.put(art) for key, art in arts.items()}
         cards = dict(sorted((art.key, art.splits.card) for art in arts.values()))
     except BaseException as err:
-        ray.shutdown()
         if isinstance(err, KeyboardInterrupt) and not prepared.done():
             # Nothing is logged yet. A normal exit would kill the preparing thread inside torch at
-            # interpreter shutdown, which aborts the process with a C++ stack trace (seen here).
+            # interpreter shutdown, which aborts the process with a C++ stack trace (seen here);
+            # so would ray.shutdown() beside that thread once Ray runs with token auth (a
+            # ~/.ray/auth_token). An embedded Ray's processes are fate-shared with this one.
             print("interrupted while preparing shared artifacts; nothing was logged", file=sys.stderr, flush=True)
             os._exit(130)
+        ray.shutdown()
         raise
     parent_id = experiment_id = None
     try:
