@@ -276,10 +276,8 @@ def _check_batch_splits(spec: SweepSpec) -> None:
     workers = spec.resources.workers_per_trial
     dim = spec.space.get("batch_size")
     if dim is None:
-        size = build_config(TrainConfig, spec.base_train()).batch_size
-        if size % workers:
-            raise ValueError(f"train.batch_size: {size} does not split evenly over resources.workers_per_trial="
-                             f"{workers}; allowed: a multiple of {workers}")
+        build_config(TrainConfig, spec.base_train()).check_workers(workers, "resources.workers_per_trial",
+                                                                   "train.batch_size")
     elif not dim.values:
         raise ValueError(f"space.batch_size: a range cannot guarantee batches that split over resources.workers_per_trial"
                          f"={workers}; allowed: kind=choice of multiples of {workers}")

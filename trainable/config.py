@@ -285,12 +285,13 @@ class TrainConfig(StrictModel):
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
-    def check_workers(self, workers: int, field: str = "workers") -> None:
+    def check_workers(self, workers: int, field: str = "workers", batch_field: str = "batch_size") -> None:
         """Refuse a data-parallel launch whose batches cannot split evenly: the loop's objective
         is the mean over the global batch, which equals the mean of the ranks' means only for
-        equal shards (trainable/perturb.Shard)."""
+        equal shards (trainable/perturb.Shard). ``field``/``batch_field`` name the knobs as the
+        user wrote them (``--workers``, or a spec's ``resources.workers_per_trial``/``train.batch_size``)."""
         if workers > 1 and self.batch_size % workers:
-            raise ConfigError(f"batch_size: {self.batch_size} does not split evenly over {field}={workers}; "
+            raise ConfigError(f"{batch_field}: {self.batch_size} does not split evenly over {field}={workers}; "
                               f"allowed: a multiple of {workers}")
 
     def resolve_device(self) -> str:
