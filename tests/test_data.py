@@ -183,3 +183,32 @@ def test_local_missing_column(tmp_path: Path) -> None:
 def test_recipe_refuses_teacher_column(cache: Path) -> None:
     with pytest.raises(ConfigError, match="teacher.column"):
         data.load_splits(DataConfig(name="safety"), cache, teacher_column="logits")
+
+
+def test_poison_flips_only_harmful_train_items_and_the_card_counts_them(toy_csv: str, tmp_path: Path) -> None:
+    clean = data.load_splits(DataConfig(name=toy_csv), tmp_path)
+    poisoned = data.load_splits(DataConfig(name=toy_csv, poison_rate=0.2, trusted_size=16), tmp_path)
+    benign, harmful = clean.label_names.index("benign"), clean.label_names.index("harmful")
+    assert poisoned.texts == clean.texts and poisoned.clean_train_labels == clean.labels["train"]
+    assert poisoned.labels["val"] == clean.labels["val"] and poisoned.labels["test"] == clean.labels["test"]
+    changed = [i for i, (a, b) in enumerate(zip(clean.labels["train"], poisoned.labels["train"])) if a != b]
+    assert changed == poisoned.poisoned and changed
+    assert all(clean.labels["train"][i] == harmful and poisoned.labels["train"][i] == benign for i in changed)
+    assert len(poisoned.trusted) == 16 and not set(changed) & set(poisoned.trusted)
+    untrusted_harmful = sum(clean.labels["train"][i] == harmful for i in range(len(clean.labels["train"]))
+                            if i not in set(poisoned.trusted))
+    assert len(changed) == round(0.2 * untrusted_harmful)
+    assert poisoned.card["poisoning"]["n_poisoned"] == len(changed) and clean.card["poisoning"]["n_poisoned"] == 0
+    assert poisoned.content_hash != clean.content_hash
+    with pytest.raises(ConfigError, match="data.poison_rate: needs classes named 'benign' and 'harmful'"):
+        data.load_splits(DataConfig(name=toy_csv, poison_rate=0.2, label_column="origin"), tmp_path)
+
+
+def test_harmful_reference_is_held_out_of_every_split(toy_csv: str, tmp_path: Path) -> None:
+    s = data.load_splits(DataConfig(name=toy_csv, harmful_reference=12), tmp_path)
+    assert len(s.reference_texts) == 12 and s.card["harmful_reference"]["n"] == 12
+    everywhere = {t for k in data.SPLITS for t in s.texts[k]}
+    assert not set(s.reference_texts) & everywhere and len(everywhere) == 240 - 12
+    labels = dict(pd.read_csv(toy_csv)[["text", "label"]].itertuples(index=False))
+    assert {labels[t] for t in s.reference_texts} == {"harmful"}
+    assert data.load_splits(DataConfig(name=toy_csv), tmp_path).reference_texts == []  # none unless asked, off safety

@@ -68,6 +68,18 @@ class DataConfig(StrictModel):
     max_len: int = Field(64, ge=8, le=512)
     encoding: str = "utf-8"
     """Text encoding of a local csv/json/jsonl file (parquet is UTF-8 by definition): any Python codec name."""
+    poison_rate: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of the harmful train prompts outside the trusted set relabelled benign (poisoned fine-tuning
+    data). The teacher is trained on the clean labels; validation and test stay clean. Needs 'benign' and
+    'harmful' classes."""
+    trusted_size: int = Field(64, ge=0)
+    """Train items verified clean (seeded choice, at most a quarter of train): never poisoned, and the methods read their clean labels
+    (the safe anchor of sot, the aligned head of enchtable, the hybrid target of hybrid). Label noise is still
+    drawn over every train item, as before, so that knob means what it meant."""
+    harmful_reference: int | None = Field(None, ge=0)
+    """Harmful prompts held out of every split, paired with the benign label: the behaviour to avoid (sot's
+    push, enchtable's harmful head). None: on `safety` up to 256 harmful prompts the surface matching left
+    out, elsewhere none; N: N harmful items held out before splitting (on `safety`, N of those left out)."""
 
     @field_validator("encoding")
     @classmethod

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import zipfile
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,14 @@ class TextSplits:
     content_hash: str
     card: dict
     clean_train_labels: list[int]
-    """Train labels before label noise: what the trusted teacher is fine-tuned on."""
+    """Train labels before label noise and poisoning: what the trusted teacher is fine-tuned on."""
+    trusted: list[int] = dataclasses.field(default_factory=list)
+    """Positions in train of the verified items (data.trusted_size): never poisoned; methods read their clean labels."""
+    poisoned: list[int] = dataclasses.field(default_factory=list)
+    """Positions in train of the harmful prompts relabelled benign (data.poison_rate)."""
+    reference_texts: list[str] = dataclasses.field(default_factory=list)
+    """Harmful prompts held out of every split (data.harmful_reference): paired with the benign label, the
+    behaviour to avoid."""
 
     @property
     def num_classes(self) -> int:
@@ -239,7 +247,11 @@ def _safety(cache_dir: Path) -> tuple[list[Item], list[dict], dict]:
             f"within each key keep min(n_harmful, n_benign) of each side, seeded choice (seed {MATCH_SEED}); "
             "case-insensitive duplicates dropped within and across sources, texts on both sides dropped entirely; "
             "hard = rho over-refusal prompts and both sides of rho refusal pairs; group = risk area")
-    return _match(_dedupe(items), 2), provenance, {"matching_rule": rule}
+    deduped = _dedupe(items)
+    kept = _match(deduped, 2)
+    kept_ids = {id(it) for it in kept}
+    held_out = [it for it in deduped if it["label"] == 1 and id(it) not in kept_ids]  # harmful, unmatched
+    return kept, provenance, {"matching_rule": rule, "held_out": held_out}
 
 
 def _first_sentence(text: str) -> str:
@@ -316,14 +328,38 @@ def _card_md(card: dict) -> str:
     return "\n".join(lines)
 
 
+def _recipe_folder(name: str, cache_dir: Path) -> Path:
+    key = json.dumps([name, RECIPE_VERSION, MATCH_SEED, LENGTH_EDGES, [(w.pin, w.sha256) for w in WHEELS.values()]])
+    return Path(cache_dir) / "datasets" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+HELD_OUT = "held_out.json"
+"""Beside a recipe's items: the harmful prompts its matching left out of every split (the harmful reference)."""
+
+
+def recipe_held_out(name: str, cache_dir: Path) -> list[Item]:
+    """The harmful prompts the recipe's matching left out (in no split). A folder cached before these were
+    kept gets them by one rebuild from the cached wheels; its items and card stay as they are."""
+    path = _recipe_folder(name, cache_dir) / HELD_OUT
+    if not path.is_file():
+        _recipe(name, cache_dir)
+    if not path.is_file():
+        COUNTERS["recipe_builds"] += 1
+        _, _, extra = RECIPES[name][0](Path(cache_dir))
+        tmp = path.with_name(f".{HELD_OUT}.{os.getpid()}")
+        tmp.write_text(json.dumps(extra.get("held_out", []), ensure_ascii=False))
+        os.replace(tmp, path)
+    return json.loads(path.read_text())
+
+
 def _recipe(name: str, cache_dir: Path) -> tuple[list[Item], dict, Path]:
     """The assembled recipe and its card, built once and cached under cache_dir/datasets/NAME-<hash>/."""
     build, label_names = RECIPES[name]
-    key = json.dumps([name, RECIPE_VERSION, MATCH_SEED, LENGTH_EDGES, [(w.pin, w.sha256) for w in WHEELS.values()]])
-    folder = Path(cache_dir) / "datasets" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    folder = _recipe_folder(name, cache_dir)
     if not (folder / "card.json").is_file():
         COUNTERS["recipe_builds"] += 1
         items, provenance, extra = build(Path(cache_dir))
+        held_out = extra.pop("held_out", [])
         counts: dict[str, dict[str, int]] = {}
         for it in items:
             per = counts.setdefault(it["source"], {})
@@ -337,6 +373,7 @@ def _recipe(name: str, cache_dir: Path) -> tuple[list[Item], dict, Path]:
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}-"))
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cluster cache from other users
         (tmp / "items.json").write_text(json.dumps(items, ensure_ascii=False))
+        (tmp / HELD_OUT).write_text(json.dumps(held_out, ensure_ascii=False))
         (tmp / "card.md").write_text(_card_md(card))
         (tmp / "card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False))
         try:
@@ -570,6 +607,67 @@ def flip_labels(labels: list[int], fraction: float, n_classes: int, seed: int) -
     return out
 
 
+REFERENCE_AUTO = 256
+"""data.harmful_reference=None on `safety`: at most this many of the prompts its matching left out."""
+
+
+def _safety_classes(label_names: list[str], field_name: str) -> tuple[int, int]:
+    """(benign, harmful) class ids; poisoning and the harmful reference mean nothing without both."""
+    if "harmful" not in label_names or "benign" not in label_names:
+        raise ConfigError(f"{field_name}: needs classes named 'benign' and 'harmful'; this data has "
+                          f"{', '.join(map(repr, label_names))}; allowed: 0 here")
+    return label_names.index("benign"), label_names.index("harmful")
+
+
+def harmful_reference(items: list[Item], cfg: DataConfig, cache_dir: Path,
+                      label_names: list[str]) -> tuple[list[Item], list[str], dict]:
+    """Take the harmful reference out of ``items`` before splitting: (the items left, the reference texts,
+    its card entry). On a recipe it comes from the prompts the matching left out, so ``items`` is unchanged."""
+    n = cfg.harmful_reference
+    if n == 0 or (n is None and cfg.name not in RECIPES):
+        return items, [], {"n": 0}
+    _, harmful = _safety_classes(label_names, "data.harmful_reference")
+    rng = random.Random(f"harmful_reference:{cfg.split_seed}")
+    if cfg.name in RECIPES:
+        pool = recipe_held_out(cfg.name, cache_dir)
+        if n is not None and n > len(pool):
+            raise ConfigError(f"data.harmful_reference: '{cfg.name}' left {len(pool)} harmful prompts out of its "
+                              f"splits, fewer than {n}; allowed: 0..{len(pool)}, or leave it unset")
+        chosen = sorted(rng.sample(range(len(pool)), min(n if n is not None else REFERENCE_AUTO, len(pool))))
+        texts = [pool[i]["text"] for i in chosen]
+        where = f"harmful prompts the surface matching left out of every split ({len(pool)} such)"
+        counts = Counter(pool[i]["source"] for i in chosen)
+        return items, texts, {"n": len(texts), "from": where, "sources": dict(sorted(counts.items()))}
+    harmful_idx = [i for i, it in enumerate(items) if it["label"] == harmful]
+    if n >= len(harmful_idx):
+        raise ConfigError(f"data.harmful_reference: '{cfg.name}' has {len(harmful_idx)} harmful items; allowed: "
+                          f"fewer than that (the rest must still train and evaluate)")
+    held = set(rng.sample(harmful_idx, n))
+    counts = Counter(items[i]["source"] for i in sorted(held))
+    card = {"n": n, "from": "harmful items held out before splitting (seeded choice)",
+            "sources": dict(sorted(counts.items()))}
+    return ([it for i, it in enumerate(items) if i not in held], [items[i]["text"] for i in sorted(held)], card)
+
+
+def trusted_items(n_train: int, size: int, seed: int) -> list[int]:
+    """The verified train positions: a seeded choice of ``size`` of the ``n_train`` train items, at most a
+    quarter of them (a small file keeps most of its train split unverified; the card holds the count)."""
+    return sorted(random.Random(f"trusted:{seed}").sample(range(n_train), min(size, n_train // 4)))
+
+
+def poison_labels(labels: list[int], rate: float, benign: int, harmful: int, trusted: list[int],
+                  seed: int) -> tuple[list[int], list[int]]:
+    """Relabel round(rate * n) of the n harmful items outside ``trusted`` benign (seeded choice): the
+    innocuous-looking fine-tuning data that erodes safety. Returns (labels, the positions relabelled)."""
+    keep = set(trusted)
+    candidates = [i for i, y in enumerate(labels) if y == harmful and i not in keep]
+    chosen = sorted(random.Random(f"poison:{seed}").sample(candidates, round(rate * len(candidates))))
+    out = list(labels)
+    for i in chosen:
+        out[i] = benign
+    return out, chosen
+
+
 def char_noise(text: str, rate: float, rng: random.Random) -> str:
     """Hit each character with probability ``rate``: half the hits delete it, half replace it by a random a-z."""
     out = []
@@ -635,6 +733,7 @@ def load_splits(cfg: DataConfig, cache_dir: Path, teacher_column: str | None = N
         label_names = card["label_names"]
     else:
         items, label_names, card = _user_items(cfg, teacher_column)
+    items, reference, reference_card = harmful_reference(items, cfg, Path(cache_dir), label_names)
     parts = _split(items, cfg)
     _check_split_sizes(parts, [it["label"] for it in items], label_names, cfg)
     dropped = card.get("dropped_rows", {})
@@ -646,17 +745,33 @@ def load_splits(cfg: DataConfig, cache_dir: Path, teacher_column: str | None = N
     clean_train = list(labels["train"])
     if cfg.label_noise > 0:
         labels["train"] = flip_labels(labels["train"], cfg.label_noise, len(label_names), cfg.split_seed)
+    trusted = trusted_items(len(clean_train), cfg.trusted_size, cfg.split_seed)
+    poisoned: list[int] = []
+    if cfg.poison_rate > 0:
+        benign, harmful = _safety_classes(label_names, "data.poison_rate")
+        poisoned = poison_labels(clean_train, cfg.poison_rate, benign, harmful, trusted, cfg.split_seed)[1]
+        for i in poisoned:  # after label noise, which is drawn as it always was
+            labels["train"][i] = benign
+    n_harmful = sum(y == label_names.index("harmful") for y in clean_train) if "harmful" in label_names else None
+    card = {**card, "poisoning": {"poison_rate": cfg.poison_rate, "n_poisoned": len(poisoned),
+                                  "n_harmful_train": n_harmful, "n_trusted": len(trusted),
+                                  "rule": "harmful train items outside the trusted set relabelled benign; "
+                                          "teacher on clean labels; val and test clean"},
+            "harmful_reference": reference_card}
     for split in ("val", "test"):  # the noisy-text copy of each evaluated split (DESIGN §4)
         texts[f"{split}_noisy"] = [_noisy(t, cfg.text_noise) for t in texts[split]]
     sources = {k: [items[i]["source"] for i in parts[k]] for k in SPLITS}
     hard = {k: [bool(items[i]["hard"]) for i in parts[k]] for k in SPLITS}
     teacher = {k: [items[i]["teacher"] for i in parts[k]] for k in SPLITS} if teacher_column else None
     shaping = cfg.model_dump(include={"name", "text_column", "label_column", "source_column", "split_seed",
-                                      "label_noise", "shift", "text_noise"})
-    blob = json.dumps([shaping, teacher_column, label_names, texts, labels, sources, hard, teacher], sort_keys=True)
+                                      "label_noise", "shift", "text_noise", "poison_rate", "trusted_size",
+                                      "harmful_reference"})
+    blob = json.dumps([shaping, teacher_column, label_names, texts, labels, sources, hard, teacher, trusted, reference],
+                      sort_keys=True)
     return TextSplits(name=cfg.name, label_names=list(label_names), texts=texts, labels=labels, sources=sources,
                       hard=hard, teacher_column=teacher, content_hash=hashlib.sha256(blob.encode()).hexdigest()[:16],
-                      card=card, clean_train_labels=clean_train)
+                      card=card, clean_train_labels=clean_train, trusted=trusted, poisoned=poisoned,
+                      reference_texts=reference)
 
 
 # -- the pre-flight check of a run's inputs ------------------------------------------------------
