@@ -176,15 +176,35 @@ class FeaturesConfig(StrictModel):
         raise ValueError(f"must be auto, 0 (this process) or a number of Ray Data actors >= 1 (got {actors!r})")
 
 
-Method = Literal["ckt_ro", "ce", "kd", "adv"]
+Method = Literal["ckt_ro", "ce", "kd", "adv", "sot"]
+NEEDS_REFERENCE = ("sot",)
+"""Methods that need the harmful reference (data.harmful_reference) and trusted items (data.trusted_size)."""
 Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class SotConfig(StrictModel):
+    """Safety Optimal Transport sample weights (trainable/methods.sot_weights)."""
+
+    push: float = Field(0.5, ge=0.0)
+    """lambda: weight of the push away from the harmful reference."""
+    reg: float = Field(0.05, gt=0.0)
+    """eps: entropic regularisation of each OT term, relative to the mean transport cost."""
+    temperature: float = Field(0.1, gt=0.0)
+    """tau: weight of KL(w || uniform), which keeps w from collapsing on a few items."""
+    top_k: int | None = Field(None, ge=1)
+    """Keep only the K heaviest items (uniformly weighted); None: weight every item's CE and KD terms by n * w_i."""
+    label_scale: float = Field(1.0, ge=0.0)
+    """c in z = [phi(x); c * onehot(y)], relative to the features' RMS norm."""
+    steps: int = Field(100, ge=1)
+    """Adam steps on the weights' logits."""
 
 
 class TrainConfig(StrictModel):
     """One trial of contrastive knowledge transfer + robust optimization (DESIGN §3)."""
 
     method: Method = "ckt_ro"
-    """ckt_ro: the full method; baselines switch terms off: ce (w=0, alpha=1, lambda=0), kd (alpha=1), adv (w=0)."""
+    """ckt_ro: the full method; baselines switch terms off: ce (w=0, alpha=1, lambda=0), kd (alpha=1), adv (w=0);
+    sot: the full method on OT sample weights."""
     backbone: str = "all-MiniLM-L6-v2"
     pooling: Literal["mean", "cls", "last"] = "mean"
     """mean: masked mean (sentence encoders); cls: the first token; last: the last non-pad token
@@ -213,6 +233,7 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(64, ge=1)
     seed: int = 0
     data: DataConfig = DataConfig()
+    sot: SotConfig = SotConfig()
     eval_attack: EvalAttackConfig = EvalAttackConfig()
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)
@@ -276,6 +297,20 @@ class TrainConfig(StrictModel):
                              f"the driver (limit {FINETUNE_MAX_PARAMS / 1e9:.0f}B); allowed at this size: "
                              "source: model (path: a fine-tuned classifier directory) or source: column (logits in the data)")
         return teacher
+
+    @model_validator(mode="after")
+    def _method_inputs(self) -> TrainConfig:
+        """What sot needs, refused here rather than after the features are built."""
+        if self.method in NEEDS_REFERENCE:
+            if self.data.trusted_size < 1:
+                raise ValueError(f"method: '{self.method}' needs trusted items (its safe anchor); allowed: "
+                                 "data.trusted_size >= 1")
+            if self.data.harmful_reference == 0 or (self.data.harmful_reference is None and self.data.name != "safety"):
+                raise ValueError(f"method: '{self.method}' needs harmful reference prompts held out of every split; "
+                                 f"allowed: data.harmful_reference >= 1 (data '{self.data.name}' has none by default)")
+        if self.method in ("sot",) and self.head == "lora":
+            raise ValueError(f"method: '{self.method}' works on a head over cached features; allowed heads: linear, mlp")
+        return self
 
     # -- derived views -------------------------------------------------------------------
 
@@ -392,6 +427,9 @@ def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str
             lines.append(f"{field}: unknown key; allowed keys: {names}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
+        if not loc and msg.split(":")[0] in model.model_fields:  # a model validator naming its own field
+            lines.append(msg)
+            continue
         got = e.get("input")
         owner, info = _field_at(model, loc)
         allowed = _allowed(info)

@@ -42,6 +42,7 @@ from trainable.config import TrainConfig
 from trainable.data import TextSplits, checked_splits
 from trainable.data import validate_inputs  # noqa: F401  (re-exported; import it from trainable.data to skip torch)
 from trainable.losses import unified_loss
+from trainable.methods import sot_stage
 from trainable.metrics import evaluate
 from trainable.perturb import Shard, make_delta
 from trainable.teacher import teacher_logits
@@ -92,6 +93,11 @@ def prepare_artifacts(config: TrainConfig, device: str = "cpu") -> Artifacts:
     feats = bb.cached_features(config.backbone, config.pooling, config.data.max_len, splits.texts, cache, device,
                                dtype=config.backbone_dtype, features=config.features)
     inputs = {split: {"features": f} for split, f in feats.items()}
+    if splits.reference_texts:  # its own cache entry: the splits' features keep their key
+        inputs["reference"] = bb.cached_features(config.backbone, config.pooling, config.data.max_len,
+                                                 {"reference": splits.reference_texts}, cache, device,
+                                                 dtype=config.backbone_dtype, features=config.features)
+        inputs["reference"] = {"features": inputs["reference"]["reference"]}
     z_t = teacher_logits(config, splits.texts, splits.clean_train_labels, splits.num_classes, splits.teacher_column, device)
     labels = {s: torch.tensor(v) for s, v in splits.labels.items()}
     for split in ("val", "test"):
@@ -108,6 +114,7 @@ def with_tokens(art: Artifacts, config: TrainConfig) -> Artifacts:
     tokenizer = bb.load_tokenizer(config.backbone)  # the model itself is loaded once, in train_loop
     inputs = {split: {**art.inputs[split], **bb.tokenize(tokenizer, texts, config.data.max_len)}
               for split, texts in art.splits.texts.items()}
+    inputs.update({k: v for k, v in art.inputs.items() if k not in inputs})  # the harmful reference's features
     return Artifacts(art.splits, inputs, art.teacher, art.labels)
 
 
@@ -169,7 +176,7 @@ def double_backprop_attention(needed: bool) -> contextlib.AbstractContextManager
 
 def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                batch: dict[str, torch.Tensor], y: torch.Tensor, z_t: torch.Tensor, step: int,
-               world: int = 1) -> dict[str, float]:
+               world: int = 1, item_weights: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Optimizer step ``step`` on one batch: L_total = w * L_KD + L_NR + lambda * ||grad_theta L_NR||^2,
     then clipping and AdamW. delta depends on (seed, step) alone. Returns every loss term and the
     gradient norm; raises ``Diverged`` on a non-finite term.
@@ -181,7 +188,10 @@ def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimi
 
     An enabled grad scaler (fp16) scales the penalty's gradients too (``gradient_penalty``). A
     non-finite penalty while its scale is above 1 is then an overflow of the scaled gradients, not
-    divergence: the scaler skips the step and lowers its scale, as for any overflowing gradient."""
+    divergence: the scaler skips the step and lowers its scale, as for any overflowing gradient.
+
+    ``item_weights``: the batch's rows of a method's per-item tensors (``method_stage``), passed on to
+    ``unified_loss`` (sample_weight, kd_weight, kd_target)."""
     terms, pcfg = config.terms(), config.perturb
     space = pcfg.space
     shard = Shard(dist.get_rank(), world) if world > 1 else Shard()
@@ -201,7 +211,7 @@ def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimi
                                pcfg.step_scale, gen, shard)
             z_s_perturbed = student.classify(x + delta, batch, space)
         out = unified_loss(z_s, z_s_perturbed, z_t, y, params, tau=config.tau, kd_direction=config.kd_direction,
-                           grad_scale=grad_scale, world=world, **terms)
+                           grad_scale=grad_scale, world=world, **terms, **(item_weights or {}))
     # float64: a sum over ranks of finite float32 terms cannot overflow, so it is finite iff every rank's is
     values = torch.stack([v.detach().double() for v in out.values()])
     if world > 1:  # one collective gives every rank the global means and the same verdict below
@@ -224,6 +234,19 @@ def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimi
     scaler.step(opt)
     scaler.update()
     return losses | {"grad_norm": grad_norm.item()}
+
+
+def method_stage(config: TrainConfig, art: Artifacts) -> dict[str, torch.Tensor]:
+    """The stage a method runs before training, as per-train-item tensors (trainable/methods.py):
+    sot's sample weights (or its top-K ``rows``). Empty for every other method. Deterministic, so
+    each data-parallel rank, and a resumed run, computes the same one."""
+    if config.method != "sot":
+        return {}
+    s, names = config.sot, art.splits.label_names
+    clean = torch.tensor(art.splits.clean_train_labels)
+    return sot_stage(art.inputs["train"]["features"], art.labels["train"], art.splits.trusted,
+                     clean[art.splits.trusted], art.inputs["reference"]["features"], names.index("benign"),
+                     art.splits.num_classes, s.push, s.reg, s.temperature, s.label_scale, s.steps, s.top_k)
 
 
 def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | None = None,
@@ -284,12 +307,20 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
             set_rng_state(state["rng"])
         start = int(state["step"])
 
+    # A method's stage before training: per-item weights (sot, hybrid), or the rows it keeps (sot top_k).
+    stage = {k: v.to(device) for k, v in method_stage(config, art).items()}
+    if "rows" in stage:
+        rows = stage.pop("rows")
+        train, y_train, z_t_train = {k: v[rows] for k, v in train.items()}, y_train[rows], z_t_train[rows]
+        stage = {k: v[rows] for k, v in stage.items()}
+
     rungs = {s for s in eval_at if 0 < s < config.budget_steps}
     losses: dict[str, float] = {}
     for step in range(start, config.budget_steps):
         idx = Shard(rank, world).rows(batch_indices(len(y_train), config.batch_size, config.seed, step))
         batch, y, z_t = {k: v[idx] for k, v in train.items()}, y_train[idx], z_t_train[idx]
-        losses = train_step(config, student, opt, scaler, batch, y, z_t, step, world)
+        losses = train_step(config, student, opt, scaler, batch, y, z_t, step, world,
+                            {k: v[idx] for k, v in stage.items()})
         done = step + 1
         if done % config.log_every == 0 and done < config.budget_steps:
             report({"step": done, **losses})

@@ -1,0 +1,87 @@
+"""The seeds' other safety-transfer methods, adapted to a head on a frozen backbone (DESIGN §3).
+
+Each was written for LLM fine-tuning; here each is a plain stage that ``train_loop`` calls where
+its method needs it, built from small pure functions in the papers' symbols:
+
+- ``sot`` ("Safeguarding LLM Fine-tuning via Push-Pull Distributional Alignment"): per-sample
+  weights w on the simplex, before training (``sot_weights``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import ot
+import torch
+
+
+def joint_space(features: torch.Tensor, labels: torch.Tensor, num_classes: int, label_scale: float,
+                scale_from: torch.Tensor | None = None) -> torch.Tensor:
+    """z = [phi(x); c * onehot(y)], with c = ``label_scale`` times the RMS norm of ``scale_from``'s rows
+    (the train features), so label_scale=1 puts a label change on the scale of a typical feature vector."""
+    ref = features if scale_from is None else scale_from
+    c = label_scale * ref.double().pow(2).sum(-1).mean().sqrt()
+    onehot = torch.nn.functional.one_hot(labels.long(), num_classes).double()
+    return torch.cat([features.double(), c * onehot], dim=1)
+
+
+def sot_weights(z: torch.Tensor, z_safe: torch.Tensor, z_harm: torch.Tensor, push: float, reg: float,
+                temperature: float, steps: int = 100, lr: float = 0.05) -> torch.Tensor:
+    """Safety Optimal Transport weights: w* = argmin_{w in simplex}
+    OT_eps(w, safe) - lambda * OT_eps(w, harmful) + tau * KL(w || uniform).
+
+    z: the n training items in the joint (feature, label) space; z_safe: the trusted safe anchor;
+    z_harm: the harmful reference (harmful prompts paired with the benign label). OT_eps is POT's
+    entropic transport cost (``ot.solve``, Sinkhorn, torch backend; its gradient in w comes from the
+    dual potentials, ``grad="envelope"``) between w on z and the uniform measure on each reference, with
+    squared Euclidean costs divided by the mean cost to the safe anchor, so eps (``reg``) is
+    relative. w = softmax(logits), logits by Adam from zero (uniform w). lambda = ``push``,
+    eps = ``reg``, tau = ``temperature``. Returns w (sums to 1).
+    Departs from the paper: the weights are fitted once, before training, on frozen features, not
+    alternated with the LLM's updates.
+    """
+    n = len(z)
+    cost_safe = ot.dist(z.double(), z_safe.double())
+    cost_harm = ot.dist(z.double(), z_harm.double())
+    unit = cost_safe.mean().clamp_min(1e-12)
+    cost_safe, cost_harm = cost_safe / unit, cost_harm / unit
+    b_safe = torch.full((len(z_safe),), 1.0 / len(z_safe), dtype=torch.float64)
+    b_harm = torch.full((len(z_harm),), 1.0 / len(z_harm), dtype=torch.float64)
+    logits = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=lr)
+    warm: dict[str, tuple] = {}
+
+    def transport(name: str, w: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+        res = ot.solve(cost, w, b, reg=reg, max_iter=500, tol=1e-7, grad="envelope", potentials_init=warm.get(name))
+        warm[name] = tuple(p.detach() for p in res.potentials)  # w moves little per step: warm-start the duals
+        return res.value
+
+    for _ in range(steps):
+        w = torch.softmax(logits, 0)
+        with warnings.catch_warnings():  # an inexact inner solve early on is corrected by the next steps
+            warnings.filterwarnings("ignore", "Sinkhorn did not converge")
+            pull, away = transport("safe", w, b_safe, cost_safe), transport("harm", w, b_harm, cost_harm)
+        kl = (w * (n * w).clamp_min(1e-300).log()).sum()
+        objective = pull - push * away + temperature * kl
+        opt.zero_grad()
+        objective.backward()
+        opt.step()
+    return torch.softmax(logits.detach(), 0)
+
+
+def sot_stage(train_features: torch.Tensor, train_labels: torch.Tensor, trusted: list[int],
+              trusted_labels: torch.Tensor, reference_features: torch.Tensor, benign: int, num_classes: int,
+              push: float, reg: float, temperature: float, label_scale: float, steps: int,
+              top_k: int | None) -> dict[str, torch.Tensor]:
+    """What the loop trains sot on: ``{"sample_weight": n * w}`` (mean 1), or with ``top_k`` the K
+    heaviest train rows (``{"rows": ...}``), uniformly weighted. The safe anchor is the trusted items
+    with their verified labels; the harmful reference, the held-out harmful prompts labelled benign."""
+    feats = train_features.cpu()
+    z = joint_space(feats, train_labels.cpu(), num_classes, label_scale)
+    z_safe = joint_space(feats[trusted], trusted_labels.cpu(), num_classes, label_scale, feats)
+    harm_labels = torch.full((len(reference_features),), benign, dtype=torch.long)
+    z_harm = joint_space(reference_features.cpu(), harm_labels, num_classes, label_scale, feats)
+    w = sot_weights(z, z_safe, z_harm, push, reg, temperature, steps)
+    if top_k is not None:
+        return {"rows": torch.argsort(w, descending=True)[: min(top_k, len(w))].sort().values}
+    return {"sample_weight": (len(w) * w).float()}
