@@ -12,7 +12,7 @@ import torch
 from tests.test_cli import run_cli
 from trainable.config import ConfigError, TrainConfig, deep_merge, load_train_config
 from trainable.loop import method_stage, prepare_artifacts
-from trainable.methods import joint_space, sot_weights
+from trainable.methods import hybrid_target, hybrid_weights, joint_space, sot_weights
 
 METRICS = ["accuracy", "kd_alignment", "teacher_agreement", "noise_robustness", "alignment_stability",
            "noisy_text_accuracy", "safety_score", "harmful_recall", "benign_pass_rate", "attack_success_rate"]
@@ -45,12 +45,38 @@ def test_sot_weights_move_mass_away_from_items_on_the_harmful_reference():
     assert more_push[40:].sum() < no_push[40:].sum()
 
 
+def test_hybrid_weights_grow_where_the_base_favours_the_unsafe_class():
+    # the aligned teacher answers "harmful" (class 1) on every item, with the same confidence
+    z_t = torch.tensor([[-2.0, 2.0]] * 4)
+    # the base model: agrees (more sure than the teacher), agrees as much, unsure, and favours benign (unsafe)
+    z_base = torch.tensor([[-4.0, 4.0], [-2.0, 2.0], [0.0, 0.0], [3.0, -3.0]])
+    w = hybrid_weights(z_base, z_t, kappa=2.0, temperature=1.0)
+    assert torch.all(w[1:] > w[:-1])  # strictly growing as the base drifts to the unsafe class
+    assert w[1].item() == pytest.approx(1.0 + 2.0 * 0.5)  # Delta = 0: sigmoid(0) = 1/2
+    assert 1.0 < w.min() and w.max() < 3.0  # within [1, 1 + kappa]
+    delta = torch.log_softmax(z_base, -1)[3, 1] - torch.log_softmax(z_t, -1)[3, 1]
+    assert w[3].item() == pytest.approx(1.0 + 2.0 * torch.sigmoid(-delta / 1.0).item(), rel=1e-6)
+    assert torch.equal(hybrid_weights(z_base, z_t, kappa=0.0, temperature=1.0), torch.ones(4))
+    # a lower temperature sharpens it: the unsafe item gets more, the over-sure one less
+    sharp = hybrid_weights(z_base, z_t, kappa=2.0, temperature=0.25)
+    assert sharp[3] > w[3] and sharp[0] < w[0]
+
+
+def test_hybrid_target_mixes_the_teacher_with_the_trusted_label():
+    z_t = torch.tensor([[1.0, -1.0], [1.0, -1.0], [0.5, 0.0]])
+    p_t = torch.softmax(z_t / 2.0, -1)
+    q = hybrid_target(z_t, 2.0, trusted=[1], trusted_labels=torch.tensor([1]), beta=0.25)
+    torch.testing.assert_close(q[[0, 2]], p_t[[0, 2]])  # no trusted label: the teacher alone
+    torch.testing.assert_close(q[1], 0.25 * p_t[1] + 0.75 * torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(q.sum(-1), torch.ones(3))
+
+
 def _cfg(base: dict, **over) -> TrainConfig:
     return TrainConfig.model_validate(deep_merge(base, over))
 
 
 def test_method_knobs_are_refused_at_the_edge_naming_field_and_allowed_values(toy_csv):
-    with pytest.raises(ConfigError, match=r"^method: .*allowed: ckt_ro, ce, kd, adv, sot"):
+    with pytest.raises(ConfigError, match=r"^method: .*allowed: ckt_ro, ce, kd, adv, sot, hybrid"):
         load_train_config(overrides=["method=ot"])
     with pytest.raises(ConfigError, match=r"^sot.reg: .*allowed: > 0"):
         load_train_config(overrides=["method=sot", "sot.reg=0"])
@@ -60,8 +86,8 @@ def test_method_knobs_are_refused_at_the_edge_naming_field_and_allowed_values(to
         load_train_config(overrides=["method=sot", f"data.name={toy_csv}"])
     with pytest.raises(ConfigError, match=r"^method: 'sot' needs trusted items.*data.trusted_size >= 1"):
         load_train_config(overrides=["method=sot", "data.trusted_size=0"])
-    with pytest.raises(ConfigError, match=r"^method: 'sot' .*allowed heads: linear, mlp"):
-        load_train_config(overrides=["method=sot", "head=lora"])
+    with pytest.raises(ConfigError, match=r"^method: 'hybrid' .*allowed heads: linear, mlp"):
+        load_train_config(overrides=["method=hybrid", "head=lora"])
 
 
 @pytest.fixture()
@@ -92,7 +118,18 @@ def cli_train(overrides: dict, method: str) -> dict:
     return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("method", ["sot"])
+def test_hybrid_stage_on_real_features_weights_kd_only_and_hits_the_trusted_items(method_overrides):
+    cfg = _cfg(method_overrides, method="hybrid", hybrid={"beta": 0.0})
+    art = prepare_artifacts(cfg)
+    stage = method_stage(cfg, art)
+    assert set(stage) == {"kd_weight", "kd_target"} and stage["kd_weight"].shape == (len(art.labels["train"]),)
+    assert (stage["kd_weight"] >= 1.0).all() and (stage["kd_weight"] <= 1.0 + cfg.hybrid.kappa).all()
+    clean = torch.tensor(art.splits.clean_train_labels)[art.splits.trusted]
+    assert torch.equal(stage["kd_target"][art.splits.trusted].argmax(-1), clean)  # beta = 0: the verified label
+    assert torch.equal(stage["kd_target"][art.splits.trusted].max(-1).values, torch.ones(len(clean)))
+
+
+@pytest.mark.parametrize("method", ["sot", "hybrid"])
 def test_method_trains_end_to_end_through_the_cli_and_prints_every_metric(tiny_overrides, method):
     final = cli_train(tiny_overrides, method)
     for name in METRICS:

@@ -176,7 +176,7 @@ class FeaturesConfig(StrictModel):
         raise ValueError(f"must be auto, 0 (this process) or a number of Ray Data actors >= 1 (got {actors!r})")
 
 
-Method = Literal["ckt_ro", "ce", "kd", "adv", "sot"]
+Method = Literal["ckt_ro", "ce", "kd", "adv", "sot", "hybrid"]
 NEEDS_REFERENCE = ("sot",)
 """Methods that need the harmful reference (data.harmful_reference) and trusted items (data.trusted_size)."""
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -199,12 +199,24 @@ class SotConfig(StrictModel):
     """Adam steps on the weights' logits."""
 
 
+class HybridConfig(StrictModel):
+    """Incomplete-learning completion (trainable/methods.hybrid_weights)."""
+
+    kappa: float = Field(1.0, ge=0.0)
+    """w_i = 1 + kappa * sigmoid(-Delta_i / T) on the distillation term."""
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    """Hybrid target beta * p_teacher + (1 - beta) * onehot(trusted label) on trusted items."""
+    temperature: float = Field(1.0, gt=0.0)
+    """T of the adaptive weight."""
+
+
 class TrainConfig(StrictModel):
     """One trial of contrastive knowledge transfer + robust optimization (DESIGN §3)."""
 
     method: Method = "ckt_ro"
     """ckt_ro: the full method; baselines switch terms off: ce (w=0, alpha=1, lambda=0), kd (alpha=1), adv (w=0);
-    sot: the full method on OT sample weights."""
+    sot: the full method on OT sample weights; hybrid: the full method with adaptive KD weights toward a hybrid
+    target."""
     backbone: str = "all-MiniLM-L6-v2"
     pooling: Literal["mean", "cls", "last"] = "mean"
     """mean: masked mean (sentence encoders); cls: the first token; last: the last non-pad token
@@ -234,6 +246,7 @@ class TrainConfig(StrictModel):
     seed: int = 0
     data: DataConfig = DataConfig()
     sot: SotConfig = SotConfig()
+    hybrid: HybridConfig = HybridConfig()
     eval_attack: EvalAttackConfig = EvalAttackConfig()
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)
@@ -300,7 +313,7 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _method_inputs(self) -> TrainConfig:
-        """What sot needs, refused here rather than after the features are built."""
+        """What sot and hybrid need, refused here rather than after the features are built."""
         if self.method in NEEDS_REFERENCE:
             if self.data.trusted_size < 1:
                 raise ValueError(f"method: '{self.method}' needs trusted items (its safe anchor); allowed: "
@@ -308,7 +321,7 @@ class TrainConfig(StrictModel):
             if self.data.harmful_reference == 0 or (self.data.harmful_reference is None and self.data.name != "safety"):
                 raise ValueError(f"method: '{self.method}' needs harmful reference prompts held out of every split; "
                                  f"allowed: data.harmful_reference >= 1 (data '{self.data.name}' has none by default)")
-        if self.method in ("sot",) and self.head == "lora":
+        if self.method in ("sot", "hybrid") and self.head == "lora":
             raise ValueError(f"method: '{self.method}' works on a head over cached features; allowed heads: linear, mlp")
         return self
 

@@ -42,7 +42,7 @@ from trainable.config import TrainConfig
 from trainable.data import TextSplits, checked_splits
 from trainable.data import validate_inputs  # noqa: F401  (re-exported; import it from trainable.data to skip torch)
 from trainable.losses import unified_loss
-from trainable.methods import sot_stage
+from trainable.methods import hybrid_target, hybrid_weights, sot_stage
 from trainable.metrics import evaluate
 from trainable.perturb import Shard, make_delta
 from trainable.teacher import teacher_logits
@@ -236,14 +236,40 @@ def train_step(config: TrainConfig, student: bb.Student, opt: torch.optim.Optimi
     return losses | {"grad_norm": grad_norm.item()}
 
 
-def method_stage(config: TrainConfig, art: Artifacts) -> dict[str, torch.Tensor]:
+def base_logits(config: TrainConfig, art: Artifacts, device: str = "cpu") -> torch.Tensor:
+    """hybrid's base model on the train split: the plain-CE student (``method: ce``, with this config's
+    head, seed, budget and the same, possibly poisoned, data) trained by ``train_step`` in this process.
+    Returns its logits on every train item."""
+    base = config.model_copy(update={"method": "ce"})
+    to_dev = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    train, y_train, z_t = to_dev(art.inputs["train"]), art.labels["train"].to(device), art.teacher["train"].to(device)
+    torch.manual_seed(config.seed)
+    student = bb.build_student(config.head, config.head_hidden, train["features"].shape[1], art.splits.num_classes,
+                               None, config.lora_rank).to(device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    for step in range(config.budget_steps):
+        idx = batch_indices(len(y_train), config.batch_size, config.seed, step)
+        train_step(base, student, opt, scaler, {k: v[idx] for k, v in train.items()}, y_train[idx], z_t[idx], step)
+    student.eval()
+    with torch.no_grad():
+        return student(train).float()
+
+
+def method_stage(config: TrainConfig, art: Artifacts, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The stage a method runs before training, as per-train-item tensors (trainable/methods.py):
-    sot's sample weights (or its top-K ``rows``). Empty for every other method. Deterministic, so
-    each data-parallel rank, and a resumed run, computes the same one."""
+    sot's sample weights (or its top-K ``rows``); hybrid's KD weights and target. Empty for every
+    other method. Deterministic, so each data-parallel rank, and a resumed run, computes the same one."""
+    clean = torch.tensor(art.splits.clean_train_labels)
+    if config.method == "hybrid":
+        h, z_t = config.hybrid, art.teacher["train"].to(device)
+        return {"kd_weight": hybrid_weights(base_logits(config, art, device), z_t, h.kappa, h.temperature),
+                "kd_target": hybrid_target(z_t, config.tau, art.splits.trusted, clean[art.splits.trusted].to(device),
+                                           h.beta)}
     if config.method != "sot":
         return {}
     s, names = config.sot, art.splits.label_names
-    clean = torch.tensor(art.splits.clean_train_labels)
     return sot_stage(art.inputs["train"]["features"], art.labels["train"], art.splits.trusted,
                      clean[art.splits.trusted], art.inputs["reference"]["features"], names.index("benign"),
                      art.splits.num_classes, s.push, s.reg, s.temperature, s.label_scale, s.steps, s.top_k)
@@ -308,7 +334,7 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
         start = int(state["step"])
 
     # A method's stage before training: per-item weights (sot, hybrid), or the rows it keeps (sot top_k).
-    stage = {k: v.to(device) for k, v in method_stage(config, art).items()}
+    stage = {k: v.to(device) for k, v in method_stage(config, art, device).items()}
     if "rows" in stage:
         rows = stage.pop("rows")
         train, y_train, z_t_train = {k: v[rows] for k, v in train.items()}, y_train[rows], z_t_train[rows]

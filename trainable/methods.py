@@ -5,6 +5,9 @@ its method needs it, built from small pure functions in the papers' symbols:
 
 - ``sot`` ("Safeguarding LLM Fine-tuning via Push-Pull Distributional Alignment"): per-sample
   weights w on the simplex, before training (``sot_weights``).
+- ``hybrid`` ("Rethinking Deep Alignment Through The Lens Of Incomplete Learning"): adaptive KD
+  weights where a base model favours the unsafe class, and a hybrid target, before training
+  (``hybrid_weights``, ``hybrid_target``).
 """
 
 from __future__ import annotations
@@ -85,3 +88,30 @@ def sot_stage(train_features: torch.Tensor, train_labels: torch.Tensor, trusted:
     if top_k is not None:
         return {"rows": torch.argsort(w, descending=True)[: min(top_k, len(w))].sort().values}
     return {"sample_weight": (len(w) * w).float()}
+
+
+def hybrid_weights(z_base: torch.Tensor, z_t: torch.Tensor, kappa: float, temperature: float) -> torch.Tensor:
+    """Incomplete-learning weights w_i = 1 + kappa * sigmoid(-Delta_i / T) on the distillation term.
+
+    Delta_i = log p_base(s_i | x_i) - log p_T(s_i | x_i), where s_i = argmax z_T is the aligned
+    teacher's (safe) answer and p_base the base model's (the plain-CE student on the same data):
+    Delta_i < 0 where the base favours the unsafe class more than the teacher does, i.e. where safety
+    learning is incomplete, and w_i grows toward 1 + kappa there; w_i is in [1, 1 + kappa].
+    Departs from the paper: its position-dependent decay over response tokens has no analogue for a
+    classifier, which gives one answer per prompt, so there is none here.
+    """
+    safe = z_t.argmax(-1, keepdim=True)
+    delta = (torch.log_softmax(z_base.float(), -1).gather(-1, safe)
+             - torch.log_softmax(z_t.float(), -1).gather(-1, safe)).squeeze(-1)
+    return 1.0 + kappa * torch.sigmoid(-delta / temperature)
+
+
+def hybrid_target(z_t: torch.Tensor, tau: float, trusted: list[int], trusted_labels: torch.Tensor,
+                  beta: float) -> torch.Tensor:
+    """The hybrid distillation target q_i = beta * softmax(z_T / tau)_i + (1 - beta) * onehot(y_i) on the
+    trusted items (their verified label y_i), and softmax(z_T / tau)_i on the others, which have none."""
+    q = torch.softmax(z_t.float() / tau, -1)
+    if trusted:
+        onehot = torch.nn.functional.one_hot(trusted_labels.long(), z_t.shape[-1]).float()
+        q[trusted] = beta * q[trusted] + (1.0 - beta) * onehot
+    return q
