@@ -12,7 +12,8 @@ import torch
 from tests.test_cli import run_cli
 from trainable.config import ConfigError, TrainConfig, deep_merge, load_train_config
 from trainable.loop import method_stage, prepare_artifacts
-from trainable.methods import hybrid_target, hybrid_weights, joint_space, sot_weights
+from trainable.methods import (enchtable_merge, hybrid_target, hybrid_weights, interference, joint_space,
+                               linearised_fit, sot_weights)
 
 METRICS = ["accuracy", "kd_alignment", "teacher_agreement", "noise_robustness", "alignment_stability",
            "noisy_text_accuracy", "safety_score", "harmful_recall", "benign_pass_rate", "attack_success_rate"]
@@ -71,12 +72,73 @@ def test_hybrid_target_mixes_the_teacher_with_the_trusted_label():
     torch.testing.assert_close(q.sum(-1), torch.ones(3))
 
 
+def _heads(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"0.weight": torch.randn(4, 3, generator=g), "0.bias": torch.randn(4, generator=g),
+            "2.weight": torch.randn(2, 4, generator=g), "2.bias": torch.randn(2, generator=g)}
+
+
+def test_enchtable_merge_with_beta_zero_returns_the_task_head_exactly():
+    theta0, task, aligned, harmful = _heads(0), _heads(1), _heads(2), _heads(3)
+    merged = enchtable_merge(theta0, task, aligned, harmful, beta=0.0, keep=0.5, interference_scale=200.0)
+    assert merged.keys() == task.keys() and all(torch.equal(merged[k], task[k]) for k in task)
+    # beta > 0: theta_0 + tau_t + exp(-I) * alpha * tau_s, alpha = beta * ||tau_t|| / ||tau_s|| per matrix
+    merged = enchtable_merge(theta0, task, aligned, harmful, beta=0.3, keep=0.5, interference_scale=2.0)
+    for k in task:
+        tau_t, tau_s = task[k] - theta0[k], aligned[k] - harmful[k]
+        alpha = 0.3 * tau_t.norm() / tau_s.norm()
+        weight = torch.exp(-interference(tau_t, alpha * tau_s, 0.5, 2.0)).float() if tau_t.dim() == 2 else 1.0
+        torch.testing.assert_close(merged[k], theta0[k] + tau_t + weight * alpha * tau_s)
+        assert not torch.equal(merged[k], task[k])
+
+
+def test_interference_matches_a_direct_computation_on_small_matrices():
+    e = torch.eye(3, dtype=torch.float64)
+    # orthogonal subspaces: U^T U = I and V^T V = I, so no interference
+    t, s = 3.0 * torch.outer(e[0], e[0]), 2.0 * torch.outer(e[1], e[2])
+    assert interference(t, s, keep=0.34, scale=200.0).item() == pytest.approx(0.0, abs=1e-12)
+    # the same rank-1 direction u v^T with singular values 3 and 2: U = [u u], V^T = [v; v] (signs cancel), so
+    # U^T U - I = V^T V - I = [[0, 1], [1, 0]], R = [[0, 1], [1, 0]] diag(3, 2) [[0, 1], [1, 0]] = diag(2, 3),
+    # ||R||_1 = 5 over k^2 = 4 entries
+    u, v = torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64), torch.tensor([0.0, 0.6, -0.8], dtype=torch.float64)
+    assert interference(3 * torch.outer(u, v), 2 * torch.outer(u, v), keep=0.34, scale=1.0).item() == pytest.approx(5 / 4)
+    assert interference(3 * torch.outer(u, v), -2 * torch.outer(u, v), keep=0.34, scale=200.0).item() == pytest.approx(250.0)
+    # a general 3x2 pair, keep 1.0 (k = 4), against numpy's SVD and the formula written out element by element
+    import numpy as np
+    g = np.random.default_rng(0)
+    a, b = g.normal(size=(3, 2)), g.normal(size=(3, 2))
+    (u1, s1, v1), (u2, s2, v2) = np.linalg.svd(a, full_matrices=False), np.linalg.svd(b, full_matrices=False)
+    U, S, Vt = np.hstack([u1, u2]), np.concatenate([s1, s2]), np.vstack([v1, v2])
+    k = len(S)
+    total = sum(abs(sum((U[:, i] @ U[:, m] - (i == m)) * S[m] * (Vt[m] @ Vt[j] - (m == j)) for m in range(k)))
+                for i in range(k) for j in range(k))
+    assert interference(torch.tensor(a), torch.tensor(b), keep=1.0, scale=7.0).item() == pytest.approx(7 * total / k**2)
+
+
+def test_linearised_fit_is_ordinary_training_for_a_linear_head():
+    torch.manual_seed(0)
+    head, x, y = torch.nn.Linear(3, 2), torch.randn(20, 3), torch.randint(0, 2, (20,))
+    theta0 = {n: p.detach().clone() for n, p in head.named_parameters()}
+    lin = linearised_fit(head, theta0, x, lambda z: torch.nn.functional.cross_entropy(z, y), steps=25, lr=0.05)
+    plain = torch.nn.Linear(3, 2)
+    plain.load_state_dict(theta0)
+    opt = torch.optim.Adam(plain.parameters(), lr=0.05)
+    for _ in range(25):
+        loss = torch.nn.functional.cross_entropy(plain(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, p in plain.named_parameters():
+        torch.testing.assert_close(lin[n], p.detach(), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(p.detach(), theta0[n]) for n, p in head.named_parameters())  # the head is untouched
+
+
 def _cfg(base: dict, **over) -> TrainConfig:
     return TrainConfig.model_validate(deep_merge(base, over))
 
 
 def test_method_knobs_are_refused_at_the_edge_naming_field_and_allowed_values(toy_csv):
-    with pytest.raises(ConfigError, match=r"^method: .*allowed: ckt_ro, ce, kd, adv, sot, hybrid"):
+    with pytest.raises(ConfigError, match=r"^method: .*allowed: ckt_ro, ce, kd, adv, sot, hybrid, enchtable"):
         load_train_config(overrides=["method=ot"])
     with pytest.raises(ConfigError, match=r"^sot.reg: .*allowed: > 0"):
         load_train_config(overrides=["method=sot", "sot.reg=0"])
@@ -84,8 +146,8 @@ def test_method_knobs_are_refused_at_the_edge_naming_field_and_allowed_values(to
         load_train_config(overrides=["sot.top_k=0"])
     with pytest.raises(ConfigError, match=r"^method: 'sot' needs harmful reference .*data.harmful_reference >= 1"):
         load_train_config(overrides=["method=sot", f"data.name={toy_csv}"])
-    with pytest.raises(ConfigError, match=r"^method: 'sot' needs trusted items.*data.trusted_size >= 1"):
-        load_train_config(overrides=["method=sot", "data.trusted_size=0"])
+    with pytest.raises(ConfigError, match=r"^method: 'enchtable' needs trusted items.*data.trusted_size >= 1"):
+        load_train_config(overrides=["method=enchtable", "data.trusted_size=0"])
     with pytest.raises(ConfigError, match=r"^method: 'hybrid' .*allowed heads: linear, mlp"):
         load_train_config(overrides=["method=hybrid", "head=lora"])
 
@@ -129,7 +191,20 @@ def test_hybrid_stage_on_real_features_weights_kd_only_and_hits_the_trusted_item
     assert torch.equal(stage["kd_target"][art.splits.trusted].max(-1).values, torch.ones(len(clean)))
 
 
-@pytest.mark.parametrize("method", ["sot", "hybrid"])
+def test_enchtable_at_beta_zero_is_the_plain_ce_head_and_beta_moves_it(method_overrides):
+    from trainable.loop import train_loop
+
+    art = prepare_artifacts(_cfg(method_overrides))
+    ce = train_loop(_cfg(method_overrides, method="ce"), lambda *a, **k: None, artifacts=art)
+    off = train_loop(_cfg(method_overrides, method="enchtable", enchtable={"beta": 0.0}), lambda *a, **k: None,
+                     artifacts=art)
+    on = train_loop(_cfg(method_overrides, method="enchtable", enchtable={"beta": 2.0, "interference_scale": 0.0}),
+                    lambda *a, **k: None, artifacts=art)
+    assert off == ce  # the task head is the plain-CE fine-tune, and beta = 0 leaves it as it is
+    assert on["kd_alignment"] != ce["kd_alignment"]
+
+
+@pytest.mark.parametrize("method", ["sot", "hybrid", "enchtable"])
 def test_method_trains_end_to_end_through_the_cli_and_prints_every_metric(tiny_overrides, method):
     final = cli_train(tiny_overrides, method)
     for name in METRICS:

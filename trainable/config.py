@@ -176,8 +176,8 @@ class FeaturesConfig(StrictModel):
         raise ValueError(f"must be auto, 0 (this process) or a number of Ray Data actors >= 1 (got {actors!r})")
 
 
-Method = Literal["ckt_ro", "ce", "kd", "adv", "sot", "hybrid"]
-NEEDS_REFERENCE = ("sot",)
+Method = Literal["ckt_ro", "ce", "kd", "adv", "sot", "hybrid", "enchtable"]
+NEEDS_REFERENCE = ("sot", "enchtable")
 """Methods that need the harmful reference (data.harmful_reference) and trusted items (data.trusted_size)."""
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -210,13 +210,24 @@ class HybridConfig(StrictModel):
     """T of the adaptive weight."""
 
 
+class EnchTableConfig(StrictModel):
+    """Safety-vector merge into the task head (trainable/methods.enchtable_merge)."""
+
+    beta: float = Field(0.1, ge=0.0)
+    """alpha = beta * ||tau_t|| / ||tau_s|| per weight matrix (0: the task head, unchanged)."""
+    keep: float = Field(0.5, gt=0.0, le=1.0)
+    """gamma: the fraction of singular components of tau_t and alpha * tau_s kept for the interference."""
+    interference_scale: float = Field(200.0, ge=0.0)
+    """I = scale * ||(U^T U - I) diag(S) (V^T V - I)||_1 / k^2 (the reference code's 200)."""
+
+
 class TrainConfig(StrictModel):
     """One trial of contrastive knowledge transfer + robust optimization (DESIGN §3)."""
 
     method: Method = "ckt_ro"
     """ckt_ro: the full method; baselines switch terms off: ce (w=0, alpha=1, lambda=0), kd (alpha=1), adv (w=0);
     sot: the full method on OT sample weights; hybrid: the full method with adaptive KD weights toward a hybrid
-    target."""
+    target; enchtable: a plain-CE task head with a safety vector merged in after training."""
     backbone: str = "all-MiniLM-L6-v2"
     pooling: Literal["mean", "cls", "last"] = "mean"
     """mean: masked mean (sentence encoders); cls: the first token; last: the last non-pad token
@@ -247,6 +258,7 @@ class TrainConfig(StrictModel):
     data: DataConfig = DataConfig()
     sot: SotConfig = SotConfig()
     hybrid: HybridConfig = HybridConfig()
+    enchtable: EnchTableConfig = EnchTableConfig()
     eval_attack: EvalAttackConfig = EvalAttackConfig()
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)
@@ -313,7 +325,7 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _method_inputs(self) -> TrainConfig:
-        """What sot and hybrid need, refused here rather than after the features are built."""
+        """What sot, hybrid and enchtable need, refused here rather than after the features are built."""
         if self.method in NEEDS_REFERENCE:
             if self.data.trusted_size < 1:
                 raise ValueError(f"method: '{self.method}' needs trusted items (its safe anchor); allowed: "
@@ -321,7 +333,7 @@ class TrainConfig(StrictModel):
             if self.data.harmful_reference == 0 or (self.data.harmful_reference is None and self.data.name != "safety"):
                 raise ValueError(f"method: '{self.method}' needs harmful reference prompts held out of every split; "
                                  f"allowed: data.harmful_reference >= 1 (data '{self.data.name}' has none by default)")
-        if self.method in ("sot", "hybrid") and self.head == "lora":
+        if self.method in ("sot", "hybrid", "enchtable") and self.head == "lora":
             raise ValueError(f"method: '{self.method}' works on a head over cached features; allowed heads: linear, mlp")
         return self
 
@@ -336,6 +348,8 @@ class TrainConfig(StrictModel):
             alpha = 1.0
         elif self.method == "adv":
             w = 0.0
+        elif self.method == "enchtable":  # the downstream (task) head is a plain fine-tune; the merge adds safety
+            w, alpha, lam = 0.0, 1.0, 0.0
         return {"distill_weight": w, "alpha": alpha, "lambda_reg": lam}
 
     def needs_backbone_in_loop(self) -> bool:

@@ -42,7 +42,8 @@ from trainable.config import TrainConfig
 from trainable.data import TextSplits, checked_splits
 from trainable.data import validate_inputs  # noqa: F401  (re-exported; import it from trainable.data to skip torch)
 from trainable.losses import unified_loss
-from trainable.methods import hybrid_target, hybrid_weights, sot_stage
+from trainable.losses import distill_loss
+from trainable.methods import enchtable_merge, hybrid_target, hybrid_weights, linearised_fit, sot_stage
 from trainable.metrics import evaluate
 from trainable.perturb import Shard, make_delta
 from trainable.teacher import teacher_logits
@@ -275,6 +276,30 @@ def method_stage(config: TrainConfig, art: Artifacts, device: str = "cpu") -> di
                      art.splits.num_classes, s.push, s.reg, s.temperature, s.label_scale, s.steps, s.top_k)
 
 
+def merge_safety_vector(config: TrainConfig, student: bb.Student, theta0: dict[str, torch.Tensor], art: Artifacts,
+                        device: str = "cpu") -> None:
+    """enchtable's stage after training: merge a safety vector into the trained (task) head, in place.
+
+    theta_aligned and theta_harmful are trained from theta_0 (the task head's own init) in NTK-linearised
+    form for ``budget_steps`` full-batch steps: theta_aligned by distillation (tau) from the teacher on the
+    trusted items, theta_harmful by CE toward the benign label on the harmful reference. Then
+    ``enchtable_merge`` with the task head's theta."""
+    e, head = config.enchtable, student.head
+    trusted = art.splits.trusted
+    x_safe, z_safe = art.inputs["train"]["features"][trusted].to(device), art.teacher["train"][trusted].to(device)
+    x_harm = art.inputs["reference"]["features"].to(device)
+    benign = torch.full((len(x_harm),), art.splits.label_names.index("benign"), device=device)
+    aligned = linearised_fit(head, theta0, x_safe, lambda z: distill_loss(z, z_safe, config.tau),
+                             config.budget_steps, config.lr)
+    harmful = linearised_fit(head, theta0, x_harm, lambda z: F.cross_entropy(z.float(), benign),
+                             config.budget_steps, config.lr)
+    task = {n: p.detach() for n, p in head.named_parameters()}
+    merged = enchtable_merge(theta0, task, aligned, harmful, e.beta, e.keep, e.interference_scale)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            p.copy_(merged[name])
+
+
 def train_loop(config: TrainConfig, report: Report, resume_from: str | Path | None = None,
                checkpoint_root: str | Path | None = None, artifacts: Artifacts | None = None,
                eval_at: Sequence[int] = ()) -> dict[str, float]:
@@ -322,6 +347,7 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+    theta0 = {n: p.detach().clone() for n, p in student.head.named_parameters()}  # enchtable's theta_0: the init
     start = 0
     if resume_from is not None:
         state = torch.load(Path(resume_from) / "state.pt", weights_only=True, map_location=device)
@@ -355,6 +381,8 @@ def _train(config: TrainConfig, report: Report, resume_from: str | Path | None, 
         if done in rungs:  # after the checkpoint: a trial stopped here still resumes from this step
             report({"step": done, **evaluate_split(student, art, "val", config, device)[0]})
 
+    if config.method == "enchtable" and start < config.budget_steps:  # a final checkpoint is already merged
+        merge_safety_vector(config, student, theta0, art, device)
     validation, _ = evaluate_split(student, art, "val", config, device)
     test, items = evaluate_split(student, art, "test", config, device)
     final = validation | {f"test_{k}": v for k, v in test.items()}
