@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from tests.test_cli import run_cli
 from trainable.config import ConfigError, TrainConfig, deep_merge, load_train_config
@@ -210,3 +211,40 @@ def test_method_trains_end_to_end_through_the_cli_and_prints_every_metric(tiny_o
     for name in METRICS:
         for key in (name, f"test_{name}"):
             assert math.isfinite(final[key]) and 0.0 <= final[key] <= 100.0, key
+
+
+def test_a_sweep_with_method_in_its_space_finishes_every_method(tmp_path, tiny_backbone, toy_csv):
+    from tests.test_sweep import runs_of, sweep, write_spec
+
+    methods = ["ckt_ro", "ce", "sot", "hybrid", "enchtable"]
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="tiny_methods", trials=len(methods),
+                      sampler={"kind": "grid", "seed": 0}, space={"method": {"kind": "grid", "values": methods}})
+    body = yaml.safe_load(spec.read_text())
+    body["train"]["data"].update({"poison_rate": 0.2, "harmful_reference": 16, "trusted_size": 16})
+    spec.write_text(yaml.safe_dump(body))
+    out, uri = sweep(tmp_path, spec, timeout=540)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert f"{len(methods)} finished, 0 failed" in out.stdout
+    _, parents, children = runs_of(uri, "tiny_methods")
+    assert sorted(c.data.params["method"] for c in children) == sorted(methods)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert all(0.0 <= child.data.metrics[f"test_{m}"] <= 100.0 for m in METRICS)
+
+
+def test_a_spec_searching_a_method_its_data_cannot_serve_is_refused_before_ray(tmp_path, tiny_backbone, toy_csv):
+    from sweeps.spec import load_spec
+    from tests.test_sweep import write_spec
+
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, space={"method": {"kind": "choice", "values": ["ce", "sot"]}})
+    with pytest.raises(ConfigError, match=r"^space.method: method: 'sot' needs harmful reference"):
+        load_spec(spec)
+    body = yaml.safe_load(spec.read_text())
+    body["train"]["data"]["harmful_reference"] = 8
+    body["space"]["sot.push"] = {"kind": "uniform", "low": -1.0, "high": 1.0}
+    spec.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError, match=r"^space.sot.push: sot.push: .*allowed: >= 0"):
+        load_spec(spec)
+    body["space"]["sot.push"]["low"] = 0.0
+    spec.write_text(yaml.safe_dump(body))
+    assert load_spec(spec).space["method"].values == ["ce", "sot"]  # every knob searchable, method too
