@@ -212,3 +212,16 @@ def test_harmful_reference_is_held_out_of_every_split(toy_csv: str, tmp_path: Pa
     labels = dict(pd.read_csv(toy_csv)[["text", "label"]].itertuples(index=False))
     assert {labels[t] for t in s.reference_texts} == {"harmful"}
     assert data.load_splits(DataConfig(name=toy_csv), tmp_path).reference_texts == []  # none unless asked, off safety
+
+
+def test_safety_harmful_reference_is_prompts_the_matching_left_out(cache: Path, safety: data.TextSplits) -> None:
+    everywhere = {t.lower() for k in data.SPLITS for t in safety.texts[k]}
+    assert len(safety.reference_texts) == data.REFERENCE_AUTO == safety.card["harmful_reference"]["n"]
+    assert not {t.lower() for t in safety.reference_texts} & everywhere
+    assert set(safety.card["harmful_reference"]["sources"]) <= {"donotanswer", "bss", "rho_refusal"}  # harmful sides
+    held = data._recipe_folder("safety", cache) / data.HELD_OUT
+    held.unlink()  # a recipe cached before the held-out prompts were kept gets them by one rebuild
+    again = data.load_splits(DataConfig(name="safety"), cache)
+    assert held.is_file() and again.reference_texts == safety.reference_texts and again.texts == safety.texts
+    with pytest.raises(ConfigError, match="data.harmful_reference: 'safety' left .* fewer than 100000"):
+        data.load_splits(DataConfig(name="safety", harmful_reference=100000), cache)
