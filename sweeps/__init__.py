@@ -9,6 +9,10 @@ import os
 # Driver state saved every second: a killed driver resumes cleanly (DESIGN §7).
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# No CSV or TensorBoard files per trial (sweeps.tune adds the JSON logger, which Tune's ResultGrid
+# reads): MLflow holds every metric (DESIGN §2), and TensorBoard's writer thread and queue were
+# ~15% of the driver's CPU at 64 trials at once (benchmarks/scale.py under py-spy).
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 # Snapshots every second are what we want; Tune warns about them when trials checkpoint often.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

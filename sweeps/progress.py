@@ -40,12 +40,42 @@ class SweepProgress(Callback):
         self.reference = reference or spec.reference or pareto.default_reference(spec.modes)
         self.started = time.monotonic()
         self.live = None
+        self._forget()
+
+    def _forget(self) -> None:
+        # What the view has counted so far, trial by trial: a summary over Tune's whole trial list
+        # on every result cost O(trials) each, a driver's largest cost per trial at ~1,000 trials
+        # (benchmarks/scale.py row 5b). Only the front is kept: dominated points add no volume.
+        self._counted: set[str] = set()
+        self._outcomes = {"FINISHED": 0, "PRUNED": 0, "other": 0}
+        self._front = np.empty((0, len(self.spec.metrics)))
+        self._volume = 0.0
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "live": None}
 
+    def _count(self, trials, ending) -> None:
+        """Fold in every trial that is done and not yet counted (a resumed sweep's restored trials
+        the first time round, then the trials that end)."""
+        spec = self.spec
+        new = []
+        for t in trials:
+            if t.trial_id in self._counted or not (t.status in ("TERMINATED", "ERROR") or t is ending):
+                continue
+            self._counted.add(t.trial_id)
+            r = t.last_result or {}
+            outcome = "PRUNED" if _outcome(r) == "PRUNED" else r.get("trial_status")
+            self._outcomes[outcome if outcome in self._outcomes else "other"] += 1
+            if r.get("trial_status") == "FINISHED":
+                new.append([r.get(m, math.nan) for m in spec.metrics])
+        if new:
+            pts = np.concatenate([self._front, np.asarray(new, dtype=float)])
+            self._front = pts[pareto.non_dominated(pts, spec.modes)]
+            self._volume = pareto.hypervolume(self._front, spec.modes, self.reference) if len(self._front) else 0.0
+
     def setup(self, **info) -> None:
         self.started = time.monotonic()
+        self._forget()  # a restored Tuner's copy counts its restored trials afresh
         if sys.stdout.isatty() and self.live is None:
             from rich.live import Live
 
@@ -55,21 +85,16 @@ class SweepProgress(Callback):
             self._show([])
 
     def summary(self, trials, ending=None) -> tuple[str, str]:
-        spec = self.spec
         # Tune calls on_trial_complete before it marks the trial TERMINATED: count it as done.
-        done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ending]
-        results = [t.last_result or {} for t in done]
-        ok = [r for r in results if r.get("trial_status") == "FINISHED"]
-        stopped = sum(_outcome(r) == "PRUNED" for r in results)
+        self._count(trials, ending)
+        ok, stopped = self._outcomes["FINISHED"], self._outcomes["PRUNED"]
+        done = ok + stopped + self._outcomes["other"]
         running = sum(t.status == "RUNNING" and t is not ending for t in trials)
-        pts = np.asarray([[r.get(m, math.nan) for m in spec.metrics] for r in ok], dtype=float).reshape(len(ok), len(spec.metrics))
-        front = int(pareto.non_dominated(pts, spec.modes).sum()) if len(ok) else 0
-        hv = pareto.hypervolume(pts, spec.modes, self.reference) if len(ok) else 0.0
-        share = pareto.normalised_hypervolume(hv, spec.modes, self.reference)
+        share = pareto.normalised_hypervolume(self._volume, self.spec.modes, self.reference)
         early = f" ({stopped} stopped early)" if stopped else ""
-        head = f"{len(results)}/{self.total} done{early}, {running} running, {len(results) - len(ok) - stopped} failed"
-        return head, f"front {front}, hypervolume {hv:.1f} ({share:.1%} of the box beyond the reference), " \
-                     f"{time.monotonic() - self.started:.0f}s"
+        head = f"{done}/{self.total} done{early}, {running} running, {done - ok - stopped} failed"
+        return head, f"front {len(self._front)}, hypervolume {self._volume:.1f} ({share:.1%} of the box beyond the " \
+                     f"reference), {time.monotonic() - self.started:.0f}s"
 
     def _show(self, trials, line: str | None = None, ending=None) -> None:
         head, tail = self.summary(trials, ending)

@@ -208,6 +208,7 @@ def _fit(spec: SweepSpec, ctx: TrialContext, sweep_path: str, sweep_name: str, j
          resume: bool, reference: list[float]):
     """Build (or restore) the Tuner and run it; returns (ResultGrid, the Optuna study, whether Ctrl-C stopped it)."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), spec.resources.trial_bundle())
     progress = SweepProgress(spec, spec.num_trials(), reference)
@@ -236,7 +237,9 @@ def _fit(spec: SweepSpec, ctx: TrialContext, sweep_path: str, sweep_name: str, j
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       # no num_to_keep: rotation deletes checkpoints that the last
                                       # driver snapshot still points at, and a resume then fails
-                                      callbacks=[progress]),
+                                      # result.json only (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS):
+                                      # Tune's ResultGrid reads it; MLflow holds the rest
+                                      callbacks=[progress, JsonLoggerCallback()]),
         )
     stop = _GracefulStop()
     try:

@@ -97,6 +97,10 @@ def test_four_trial_sweep_nests_runs_and_tags_the_front(tmp_path, tiny_backbone,
     ref = [baseline.data.metrics[m] for m in OBJ]
     hv = pareto.hypervolume(pts, ["max", "max"], ref)
     assert parent.data.metrics["hypervolume"] == pytest.approx(hv)
+    # the live view, which folds in each trial as it ends, ends on the same front and volume
+    last = [line for line in out.stdout.splitlines() if line.startswith("[4/4 done, 0 running, 0 failed]")][-1]
+    shown = re.search(r"front (\d+), hypervolume ([\d.]+)", last)
+    assert int(shown[1]) == mask.sum() and float(shown[2]) == pytest.approx(hv, abs=0.05), last
     assert [parent.data.metrics[f"reference.{m}"] for m in OBJ] == pytest.approx(ref)
     box = (100 - ref[0]) * (100 - ref[1])
     assert parent.data.metrics["hypervolume_normalised"] == pytest.approx(hv / box)
