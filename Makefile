@@ -41,6 +41,7 @@ reproduce: $(STAMP)
 	$(BIN)/alignsweep sweep budget_precision && $(BIN)/alignsweep figures --experiment budget_precision --out $(FIGS)
 	$(BIN)/alignsweep sweep noise_shift && $(BIN)/alignsweep figures --experiment noise_shift --out $(FIGS)
 	$(BIN)/alignsweep sweep methods && $(BIN)/alignsweep compare --experiment methods --out $(FIGS)/compare.md
+	$(BIN)/alignsweep sweep seed_methods && $(BIN)/alignsweep compare --experiment seed_methods --out $(FIGS)/seed_methods.md
 	$(BIN)/alignsweep sweep pareto && $(BIN)/alignsweep figures --experiment pareto --out $(FIGS)
 
 # Issues 6 and 12: measured figures and ratios, printed as one table (~50 minutes here).

@@ -252,8 +252,10 @@ def compare(
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the markdown table here.")] = None,
 ) -> None:
-    """ckt_ro vs ce, kd, adv from a methods sweep: paired differences with 95% CIs, as markdown."""
-    from sweeps.figures import compare_table
+    """ckt_ro vs ce, kd, adv, sot, hybrid, enchtable from a methods sweep: paired differences with 95% CIs, as
+    markdown; with --out, also the methods' mean points with CIs on the kd_alignment vs noise_robustness plane
+    (OUT's name + _front.png)."""
+    from sweeps.figures import compare_table, methods_figure
     from sweeps.tracking import check_tracking_uri
 
     uri = _tracking(tracking_uri)
@@ -262,6 +264,8 @@ def compare(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
+        figure = methods_figure(uri, experiment, out.with_name(f"{out.stem}_front.png"))
+        text += f"\nFigure: {figure}\n"
     print(text)
 
 

@@ -27,8 +27,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one ba
 N_BOOT = 2000
 FIGURE_METRICS = ("kd_alignment", "noise_robustness", "alignment_stability")
 COMPARE_METRICS = ("accuracy", "kd_alignment", "noise_robustness", "alignment_stability", "safety_score",
-                   "noisy_text_accuracy", "hard_accuracy")
+                   "noisy_text_accuracy", "hard_accuracy", "harmful_recall", "attack_success_rate")
 BASELINES = ("ce", "kd", "adv")
+RELATED = ("sot", "hybrid", "enchtable")
+"""The seeds' other safety-transfer methods: compared with ckt_ro like the baselines."""
 
 
 @dataclass
@@ -362,15 +364,16 @@ def compare_table(uri: str, experiment: str = "methods", metrics=COMPARE_METRICS
              "(split seeds), the items of each test set, and the seeds run on it, so test-set sampling error "
              "is in the interval. Differences are paired on the same seed, split and test items. A difference "
              "whose CI excludes 0 is marked *.", ""]
-    for (dataset,), members in _group(trials, "data.name").items():
+    for (dataset, poison), members in _group(trials, "data.name", "data.poison_rate").items():
         by_method = {m[0]: ts for m, ts in _group(members, "method").items()}
         if "ckt_ro" not in by_method:
             continue
         key = lambda t: (t.params.get("seed"), t.params.get("data.split_seed"))  # noqa: E731
         full = {key(t): t for t in by_method["ckt_ro"]}
-        present = [b for b in BASELINES if b in by_method]
+        present = [b for b in (*BASELINES, *RELATED) if b in by_method]
         n_items = len(by_method["ckt_ro"][0].items["y"])
-        lines += [f"## {dataset or 'safety'} ({len(full)} seed x split pairs, {n_items} test items each)", "",
+        poisoned = f", poison_rate {poison}" if poison is not None else ""
+        lines += [f"## {dataset or 'safety'}{poisoned} ({len(full)} seed x split pairs, {n_items} test items each)", "",
                   "| metric | ckt_ro | " + " | ".join(f"{b} | ckt_ro - {b}" for b in present) + " |",
                   "|---|---|" + "---|---|" * len(present)]
         for metric in metrics:
@@ -388,3 +391,38 @@ def compare_table(uri: str, experiment: str = "methods", metrics=COMPARE_METRICS
     text = "\n".join(lines)
     tracking.client(uri).log_text(parent.info.run_id, text, "compare.md")
     return text
+
+
+def methods_figure(uri: str, experiment: str, out: Path, x: str = "kd_alignment", y: str = "noise_robustness",
+                   beside: tuple[str, ...] = ("harmful_recall", "attack_success_rate")) -> Path:
+    """One panel per (dataset, poison_rate) of a methods sweep: every method's mean test point with its 95%
+    CI (``bootstrap``) on the ``x`` vs ``y`` plane, with ``beside``'s means in its legend entry. Written to
+    ``out`` (PNG) and logged to the sweep's parent run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parent, trials = load_trials(uri, experiment)
+    groups = _group(trials, "data.name", "data.poison_rate")
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 5.5), squeeze=False)
+    for ax, ((dataset, poison), members) in zip(axes[0], groups.items()):
+        for (method,), runs in _group(members, "method").items():
+            ex, ey = bootstrap(runs, x), bootstrap(runs, y)
+            scores = item_scores(runs[0].items, runs[0].items["label_names"])
+            extra = ", ".join(f"{m} {bootstrap(runs, m).mean:.1f}" for m in beside if m in scores)
+            ax.errorbar([ex.mean], [ey.mean], xerr=[[ex.mean - ex.lo], [ex.hi - ex.mean]],
+                        yerr=[[ey.mean - ey.lo], [ey.hi - ey.mean]], fmt="s" if method in RELATED else "o",
+                        capsize=3, label=f"{method} (n={ex.runs}{'; ' + extra if extra else ''})")
+        ax.set_xlabel(f"{x} on test (0-100)")
+        ax.set_ylabel(f"{y} on test (0-100)")
+        ax.set_title(f"{Path(str(dataset or 'safety')).name}" + (f", poison_rate {poison}" if poison is not None else "")
+                     + " (mean, 95% CI)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    tracking.client(uri).log_artifact(parent.info.run_id, str(out))
+    return out

@@ -231,6 +231,29 @@ def test_a_sweep_with_method_in_its_space_finishes_every_method(tmp_path, tiny_b
         assert child.info.status == "FINISHED"
         assert all(0.0 <= child.data.metrics[f"test_{m}"] <= 100.0 for m in METRICS)
 
+    # alignsweep compare: paired differences to ckt_ro for every method, and the methods' plane
+    table = run_cli("compare", "--experiment", "tiny_methods", "--tracking-uri", uri, "--out",
+                    str(tmp_path / "cmp" / "compare.md"), timeout=300)
+    assert table.returncode == 0, table.stderr[-2000:]
+    for col in ("ckt_ro - ce", "ckt_ro - sot", "ckt_ro - hybrid", "ckt_ro - enchtable"):
+        assert col in table.stdout
+    for metric in ("kd_alignment", "noise_robustness", "harmful_recall", "attack_success_rate"):
+        assert f"| {metric} |" in table.stdout
+    png = tmp_path / "cmp" / "compare_front.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from mlflow.tracking import MlflowClient
+
+    assert "compare_front.png" in {a.path for a in MlflowClient(uri).list_artifacts(parents[0].info.run_id)}
+
+
+def test_builtin_seed_methods_spec_covers_every_method_seed_split_and_poison_level():
+    from sweeps.spec import load_spec
+
+    spec = load_spec("seed_methods")
+    assert spec.space["method"].values == list(TrainConfig.model_fields["method"].annotation.__args__)
+    assert spec.space["data.poison_rate"].values == [0.0, 0.2] and spec.train["data"]["name"] == "safety"
+    assert len(spec.space["seed"].values) == 5 and len(spec.space["data.split_seed"].values) == 3
+
 
 def test_a_spec_searching_a_method_its_data_cannot_serve_is_refused_before_ray(tmp_path, tiny_backbone, toy_csv):
     from sweeps.spec import load_spec
