@@ -6,8 +6,10 @@ before any module of this package imports Ray.
 
 import os
 
-# Driver state saved every second: a killed driver resumes cleanly (DESIGN §7).
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+# Driver state saved every second, or less often only while a save takes over 1/20 of that
+# (sweeps.tune.pace_driver_snapshots): a killed driver resumes cleanly (DESIGN §7). A number
+# here fixes the period instead.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "auto")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # No CSV or TensorBoard files per trial (sweeps.tune adds the JSON logger, which Tune's ResultGrid
 # reads): MLflow holds every metric (DESIGN §2), and TensorBoard's writer thread and queue were

@@ -47,6 +47,7 @@ class SweepProgress(Callback):
         # on every result cost O(trials) each, a driver's largest cost per trial at ~1,000 trials
         # (benchmarks/scale.py row 5b). Only the front is kept: dominated points add no volume.
         self._counted: set[str] = set()
+        self._scanned = False  # the first look at Tune's trial list (a resumed sweep's restored trials)
         self._outcomes = {"FINISHED": 0, "PRUNED": 0, "other": 0}
         self._front = np.empty((0, len(self.spec.metrics)))
         self._volume = 0.0
@@ -55,10 +56,16 @@ class SweepProgress(Callback):
         return {**self.__dict__, "live": None}
 
     def _count(self, trials, ending) -> None:
-        """Fold in every trial that is done and not yet counted (a resumed sweep's restored trials
-        the first time round, then the trials that end)."""
+        """Fold in every trial that is done and not yet counted: the whole list the first time Tune
+        shows one (a resumed sweep's restored trials), then only the trial that ends."""
         spec = self.spec
         new = []
+        if trials and not self._scanned:
+            self._scanned = True
+        elif ending is not None:
+            trials = [ending]
+        else:
+            return
         for t in trials:
             if t.trial_id in self._counted or not (t.status in ("TERMINATED", "ERROR") or t is ending):
                 continue
@@ -108,7 +115,8 @@ class SweepProgress(Callback):
             print(f"[{head}] {line}; {tail}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._show(trials)
+        if self.live is not None:  # off a terminal a result prints nothing
+            self._show(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}

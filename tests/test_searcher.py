@@ -1,10 +1,14 @@
-"""The sweep's sampler and searcher state: the cached TPE suggests exactly what Optuna's TPE does,
-and a searcher save holds only the trials still in flight (benchmarks/scale.py, issue 13 item 5)."""
+"""The driver at ~1,000 trials (benchmarks/scale.py, issue 13 item 5): the cached TPE suggests
+exactly what Optuna's TPE does, a searcher save holds only the trials still in flight, and Tune's
+driver snapshots keep their 1 s period until a save gets slow."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
+
+import pytest
 
 import optuna
 from optuna.trial import TrialState
@@ -72,3 +76,20 @@ def test_searcher_save_keeps_only_trials_in_flight(tmp_path):
     states = [t.state for t in restored.study.get_trials(deepcopy=False)]
     assert states.count(TrialState.COMPLETE) == 4 and states.count(TrialState.RUNNING) == 2
     assert restored.study.trials[1].values == [51.0, 40.0]
+
+
+def test_driver_snapshots_every_second_until_a_save_takes_over_a_twentieth_of_that():
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from sweeps.tune import pace_driver_snapshots
+
+    pace_driver_snapshots()
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "auto"  # the sweeps' default (sweeps/__init__.py)
+    paced = _ExperimentCheckpointManager(storage=None, checkpoint_period="auto")
+    paced._update_auto_checkpoint_time(0.01)
+    assert paced._checkpoint_period == 1.0  # Tune's own "auto" would say 10 s
+    paced._update_auto_checkpoint_time(0.2)
+    assert paced._checkpoint_period == pytest.approx(3.8)
+    fixed = _ExperimentCheckpointManager(storage=None, checkpoint_period=5)  # a user's number stays
+    fixed._update_auto_checkpoint_time(0.2)
+    assert fixed._checkpoint_period == 5.0
