@@ -13,7 +13,7 @@ ROWS = {
     2: ["2a"],
     3: ["3a"],  # 3b and 6d (TorchTrainer launch) are in the full run only
     4: ["4a", "4b", "4c", "4d"],
-    5: ["5a", "5b", "5c", "5d", "5e"],
+    5: ["5a", "5b", "5c", "5d", "5e", "5f"],  # 5f: the 1,000-trial sweep (a few trials in the smoke run)
     6: ["6a", "6b", "6c"],
     7: ["7a", "7b"],  # early stopping, MO-ASHA vs FIFO
 }
