@@ -301,6 +301,7 @@ EXPECTED_PRUNED = {2: 10, 3: 10, 4: 10, 5: 20, 6: 10, 7: 10}
 def test_tune_run_stops_dominated_trials(ray_local, tmp_path):
     import ray.cloudpickle
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     rungs = rung_steps(10, 2, 100)
     points = POINTS
@@ -325,7 +326,9 @@ def test_tune_run_stops_dominated_trials(ray_local, tmp_path):
         trainable,
         param_space={"q": tune.grid_search(list(range(len(POINTS))))},
         tune_config=tune.TuneConfig(scheduler=sched, max_concurrent_trials=1, reuse_actors=True),
-        run_config=tune.RunConfig(name="moasha", storage_path=str(tmp_path), verbose=0),
+        # result.json for metrics_dataframe: the sweeps turn Tune's auto loggers off (sweeps/__init__.py)
+        run_config=tune.RunConfig(name="moasha", storage_path=str(tmp_path), verbose=0,
+                                  callbacks=[JsonLoggerCallback()]),
     )
     grid = tuner.fit()
     assert not grid.errors

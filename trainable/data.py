@@ -624,8 +624,8 @@ def harmful_reference(items: list[Item], cfg: DataConfig, cache_dir: Path,
     """Take the harmful reference out of ``items`` before splitting: (the items left, the reference texts,
     its card entry). On a recipe it comes from the prompts the matching left out, so ``items`` is unchanged."""
     n = cfg.harmful_reference
-    if n == 0 or (n is None and cfg.name not in RECIPES):
-        return items, [], {"n": 0}
+    if n == 0 or (n is None and (cfg.name not in RECIPES or not {"benign", "harmful"} <= set(label_names))):
+        return items, [], {"n": 0}  # unset: only a recipe with a harmful class (`safety`) has one by default
     _, harmful = _safety_classes(label_names, "data.harmful_reference")
     rng = random.Random(f"harmful_reference:{cfg.split_seed}")
     if cfg.name in RECIPES:
