@@ -27,6 +27,8 @@ from sweeps.spec import SweepSpec, nest
 log = logging.getLogger(__name__)
 
 JOURNAL = "optuna-journal.log"
+TUNE_TRIAL_ATTR = "tune_trial_id"
+"""User attr of each Optuna trial: the Tune trial it was suggested for (the MLflow child's ``tune_trial_id``)."""
 SWEEP_RECORD = "alignsweep-sweep.json"
 """The sweep's identity in its Tune directory: spec, spec hash and target trial count. Tune copies
 every ``*.json`` of the experiment directory to the driver before it restores the searcher."""
@@ -68,7 +70,10 @@ class SweepSearcher(OptunaSearch):
         if self._counted >= self.max_trials:
             return self.FINISHED
         params = super().suggest(trial_id)
-        self._counted += trial_id in self._ot_trials
+        if trial_id in self._ot_trials:
+            self._counted += 1
+            # lets a resumed driver match a trial Tune forgot to the MLflow run it finished (settle_orphans)
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         return params
 
     def save(self, checkpoint_path: str) -> None:
@@ -242,13 +247,24 @@ def study_storage(location: str) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(UnsyncedJournalFileBackend(location))
 
 
-def fail_orphaned_trials(study: optuna.Study, owned: set[int]) -> int:
-    """Tell FAIL (tagged ``orphaned``) every RUNNING Optuna trial not in ``owned``: after a driver
-    kill, the trials started after Tune's last save belong to no Tune trial. Returns how many."""
+def fail_orphaned_trials(study: optuna.Study, owned: set[int],
+                         finished: dict[str, list[float]] | None = None) -> int:
+    """Settle every RUNNING Optuna trial not in ``owned``: after a driver kill, the trials started
+    after Tune's last save belong to no Tune trial. One whose Tune trial finished its MLflow run
+    before the kill (``finished``: tune trial id -> its objective values) is told COMPLETE with
+    those values (user attr ``adopted``), so that the study and MLflow agree and the finished work
+    counts; the rest are told FAIL (user attr ``orphaned``). Returns how many were failed."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.number not in owned:
-            optuna.Trial(study, t._trial_id).set_user_attr("orphaned", True)
-            study.tell(t.number, state=TrialState.FAIL)
-            n += 1
+        if t.number in owned:
+            continue
+        trial = optuna.Trial(study, t._trial_id)
+        values = (finished or {}).get(t.user_attrs.get(TUNE_TRIAL_ATTR, ""))
+        if values is not None and all(math.isfinite(v) for v in values):
+            trial.set_user_attr("adopted", True)
+            study.tell(t.number, values)
+            continue
+        trial.set_user_attr("orphaned", True)
+        study.tell(t.number, state=TrialState.FAIL)
+        n += 1
     return n

@@ -275,6 +275,13 @@ def rung_history(uri: str, experiment_id: str, parent_id: str, metrics: list[str
     return out
 
 
+def finished_values(uri: str, experiment_id: str, parent_id: str, metrics: list[str]) -> dict[str, list[float]]:
+    """Tune trial id -> the objective values (validation) of each FINISHED trial run."""
+    return {run.data.tags[TRIAL_TAG]: [run.data.metrics[m] for m in metrics]
+            for run in child_runs(uri, experiment_id, parent_id)
+            if run.info.status == "FINISHED" and TRIAL_TAG in run.data.tags and all(m in run.data.metrics for m in metrics)}
+
+
 def close_orphans(uri: str, experiment_id: str, parent_id: str) -> int:
     """Children still RUNNING after the sweep ended belong to trials no one will finish: KILLED."""
     mc, n = client(uri), 0

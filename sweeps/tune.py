@@ -8,7 +8,8 @@ Measured traps this module is built around (DESIGN §7):
 - objectives go on the searcher only; `metric` in TuneConfig would make the study single-objective;
 - the MLflow sqlite store is created in the driver before any trial starts;
 - Tune's driver state is saved every second (sweeps/__init__.py) so a killed driver
-  resumes cleanly; after a kill, Optuna trials that Tune no longer owns are failed as orphans;
+  resumes cleanly; after a kill, Optuna trials that Tune no longer owns are failed as orphans,
+  unless their trial finished its MLflow run before the kill (then the study takes its values);
 - Tune catches the first Ctrl-C and returns normally: the trials it stopped are resumed later, so
   their Optuna trials stay open; a second Ctrl-C raises KeyboardInterrupt at once.
 """
@@ -243,7 +244,8 @@ def _fit(spec: SweepSpec, ctx: TrialContext, sweep_path: str, sweep_name: str, j
         if saved is not None:
             # After a driver kill, Optuna trials started after Tune's last save have no owner.
             study = saved.study  # its pickled storage: the study this sweep started on
-            fail_orphaned_trials(study, saved.owned_trial_numbers())
+            fail_orphaned_trials(study, saved.owned_trial_numbers(),
+                                 tracking.finished_values(ctx.uri, ctx.experiment_id, ctx.parent_id, spec.metrics))
     else:
         searcher = SweepSearcher(metric=spec.metrics, mode=spec.modes, sampler=make_sampler(spec), study_name=sweep_name,
                                  storage=study_storage(journal), max_trials=spec.num_trials(),

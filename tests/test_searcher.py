@@ -93,3 +93,19 @@ def test_driver_snapshots_every_second_until_a_save_takes_over_a_twentieth_of_th
     fixed = _ExperimentCheckpointManager(storage=None, checkpoint_period=5)  # a user's number stays
     fixed._update_auto_checkpoint_time(0.2)
     assert fixed._checkpoint_period == 5.0
+
+
+def test_orphans_that_finished_their_run_are_adopted_and_the_rest_fail():
+    """After a driver kill: a RUNNING Optuna trial Tune no longer owns takes the values of its finished
+    MLflow run (matched by the Tune trial id the searcher stored on it), one without a finished run
+    is FAIL (orphaned), one Tune still owns stays RUNNING."""
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    trials = [study.ask() for _ in range(3)]
+    for t, tid in zip(trials, ("done", "lost", "owned")):
+        t.set_user_attr(ss.TUNE_TRIAL_ATTR, tid)
+    failed = ss.fail_orphaned_trials(study, owned={trials[2].number},
+                                     finished={"done": [97.5, 61.0], "lost": [float("nan"), 1.0]})
+    states = [t.state for t in study.trials]
+    assert failed == 1 and states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]
+    assert study.trials[0].values == [97.5, 61.0] and study.trials[0].user_attrs["adopted"]
+    assert study.trials[1].user_attrs["orphaned"] and "adopted" not in study.trials[1].user_attrs
