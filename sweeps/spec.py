@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from trainable.config import (
     ConfigError,
@@ -124,31 +124,56 @@ class Resources(StrictModel):
     """Fractional values pack several in-process trials on one GPU (e.g. 0.25: four per GPU)."""
     launch: Literal["auto", "in_process", "torch_trainer"] = "auto"
     """auto: in-process (reuse_actors) for one worker per trial; a TorchTrainer inside the trial for more."""
+    pack: int | Literal["auto"] = 1
+    """Trials trained together as one vectorised program (trainable/packed.py, sweeps/packing.py): a
+    pack runner holding ``cpus_per_worker`` / ``gpus_per_worker`` steps up to ``pack`` of them at
+    once; ``concurrency`` trials in flight use ceil(concurrency / pack) runners. 1: no packing.
+    auto: min(concurrency, AUTO_PACK)."""
 
     DRIVER_CPU: ClassVar[float] = 0.01
-    """CPU held by a trial that only drives a TorchTrainer (its Train workers hold the rest)."""
+    """CPU held by a trial that only drives a TorchTrainer or relays a pack member (the Train
+    workers or the pack runner hold the rest)."""
+    AUTO_PACK: ClassVar[int] = 16
 
     @model_validator(mode="after")
     def _one_worker_in_process(self) -> Resources:
         if self.launch == "in_process" and self.workers_per_trial > 1:
             raise ValueError(f"workers_per_trial={self.workers_per_trial} needs launch torch_trainer or auto; "
                              "in_process runs one worker per trial")
+        if self.pack != 1 and (self.workers_per_trial > 1 or self.launch == "torch_trainer"):
+            raise ValueError(f"pack={self.pack} trains its members in one process; allowed with workers_per_trial=1 "
+                             "and launch auto or in_process (or pack=1)")
         return self
 
+    @field_validator("pack")
+    @classmethod
+    def _whole_pack(cls, pack: int | str) -> int | str:
+        if pack != "auto" and pack < 1:
+            raise ValueError(f"got {pack}; allowed: a whole number >= 1, or auto")
+        return pack
+
     def mode(self) -> str:
+        if self.pack != 1:
+            return "packed"
         if self.launch != "auto":
             return self.launch
         return "torch_trainer" if self.workers_per_trial > 1 else "in_process"
 
+    def pack_runners(self, concurrency: int) -> tuple[int, int]:
+        """(pack runners, members per runner) for ``concurrency`` trials in flight."""
+        size = min(concurrency, self.AUTO_PACK) if self.pack == "auto" else min(self.pack, concurrency)
+        return -(-concurrency // size), size
+
     def trial_bundle(self) -> dict[str, float]:
         """What Tune reserves for the trial itself."""
-        if self.mode() == "torch_trainer":
+        if self.mode() in ("torch_trainer", "packed"):
             return {"CPU": self.DRIVER_CPU}
         return {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
 
-    def check_fits(self, nodes: list[dict[str, float]]) -> None:
-        """Raise ConfigError when one trial can never be placed on these nodes' resources (Ray's
-        ``Resources`` per alive node): Tune would otherwise wait for resources forever."""
+    def check_fits(self, nodes: list[dict[str, float]], concurrency: int = 1) -> None:
+        """Raise ConfigError when one trial (under ``pack``: the sweep's pack runners) can never be
+        placed on these nodes' resources (Ray's ``Resources`` per alive node): Tune would otherwise
+        wait for resources forever."""
 
         def show(res: dict[str, float]) -> str:
             return f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
@@ -158,9 +183,20 @@ class Resources(StrictModel):
             largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
             raise ConfigError(f"resources: one worker needs {show(worker)} (resources.cpus_per_worker, "
                               f"resources.gpus_per_worker); the largest node has {show(largest)}")
+        total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+        if self.mode() == "packed":
+            runners, size = self.pack_runners(concurrency)
+            for kind, each in (("CPU", self.cpus_per_worker), ("GPU", self.gpus_per_worker)):
+                # runners are placed whole on nodes, so count how many fit on each
+                fit = sum(math.floor(n.get(kind, 0.0) / each + 1e-9) for n in nodes) if each else runners
+                if fit < runners:
+                    raise ConfigError(
+                        f"resources.pack: concurrency {concurrency} in packs of {size} needs {runners} pack runners of "
+                        f"{each:g} {kind} (resources.{kind.lower()}s_per_worker); the cluster fits {fit}: raise "
+                        f"resources.pack, lower concurrency or resources.{kind.lower()}s_per_worker")
+            return
         if self.mode() != "torch_trainer":
             return
-        total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
         need = {"CPU": self.workers_per_trial * self.cpus_per_worker + self.DRIVER_CPU,
                 "GPU": self.workers_per_trial * self.gpus_per_worker}
         if need["CPU"] > total["CPU"] + 1e-9:
@@ -322,14 +358,19 @@ def _check_space_against_train(spec: SweepSpec) -> None:
         build_config(TrainConfig, base)  # the fixed part alone
     except ConfigError as err:
         raise ConfigError(f"train.{err}") from None
+    packed = spec.resources.mode() == "packed"
+    if packed and (why := build_config(TrainConfig, base).unpackable()):
+        raise ConfigError(f"resources.pack: train.{why}")
     for path, dim in spec.space.items():
         if path.split(".")[0] == "eval_attack":
             raise ConfigError(f"space.{path}: the eval attack is fixed per sweep (set eval_attack:), never searched")
         for value in dim.probe_values():
             try:
-                build_config(TrainConfig, deep_merge(base, nest({path: value})))
+                config = build_config(TrainConfig, deep_merge(base, nest({path: value})))
             except ConfigError as err:
                 raise ConfigError(f"space.{path}: {err}") from None
+            if packed and (why := config.unpackable()):
+                raise ConfigError(f"resources.pack: space.{path}={value!r} cannot train in a pack: {why}")
 
 
 def resolve_spec_path(spec: str | Path | None) -> Path:

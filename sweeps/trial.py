@@ -10,6 +10,9 @@ object store, by ``artifact_key``: a trial on any node trains on exactly what th
 and no node rebuilds them or needs the data wheels (DESIGN §2). Each run records its node as
 ``ray_node_id``.
 
+Under ``resources.pack`` the trial's training runs in a pack runner with other trials' (sweeps/packing.py);
+the trial relays its member's reports exactly as it relays the loop's, so everything below holds there too.
+
 Under ``scheduler: moasha`` the loop also evaluates validation at the trial's rungs and the
 trial reports it with ``rung_step``; when the scheduler stops the trial there, Tune ends the
 trial's thread from inside ``tune.report`` (``SystemExit``) and the driver marks the run KILLED
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,8 @@ class TrialContext:
     run_storage: str
     artifacts: dict[str, ray.ObjectRef] = field(default_factory=dict)
     """``artifact_key(config)`` -> the driver's ``Artifacts`` in the object store (put once per sweep)."""
+    pack_runners: list = field(default_factory=list)
+    """Under ``resources.pack``: the driver's ``PackRunner`` actors (sweeps/packing.py)."""
 
     def shared_artifacts(self, config: TrainConfig):
         """The driver's artifacts for this config, fetched once per worker process; None when the
@@ -98,7 +104,21 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
                                        on_report=logger, storage_path=ctx.run_storage, name=f"{tctx.get_trial_name()}-train",
                                        artifacts=ctx.artifacts.get(artifact_key(config)))
         else:
-            from trainable.loop import checkpoint_step, train_loop
+            if mode == "packed":  # this process only relays: no torch here, the runner reads the checkpoint
+                from sweeps.packing import train_in_pack
+
+                def joined(runner_id: str, step: int) -> None:
+                    logger.tag(pack_runner=runner_id, **({"resumed_from_step": str(step)} if step else {}))
+
+                train = partial(train_in_pack, ctx.pack_runners, tctx.get_trial_id(), on_join=joined)
+            else:
+                from trainable.loop import checkpoint_step, train_loop
+
+                def train(config, report, resume_from=None, eval_at=()):
+                    if resume_from is not None:
+                        logger.tag(resumed_from_step=str(checkpoint_step(resume_from)))
+                    return train_loop(config, report, resume_from=resume_from, eval_at=eval_at,
+                                      artifacts=ctx.shared_artifacts(config))
 
             def report(metrics: dict[str, float], checkpoint: Path | None = None) -> None:
                 nonlocal step
@@ -111,22 +131,20 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
                 status = {"trial_status": "FINISHED"} if all(m in metrics for m in spec.metrics) else {}
                 tune.report({**metrics, **status}, checkpoint=Checkpoint.from_directory(str(checkpoint)))
 
-            artifacts = ctx.shared_artifacts(config)
             rungs = ctx.rungs(tctx.get_trial_id(), config.budget_steps)
             resume = tune.get_checkpoint()
             if resume is not None:
                 with resume.as_directory() as path:
-                    logger.tag(resumed_from_step=str(checkpoint_step(path)))
-                    final = train_loop(config, report, resume_from=path, eval_at=rungs, artifacts=artifacts)
+                    final = train(config, report, resume_from=path, eval_at=rungs)
             else:
-                final = train_loop(config, report, eval_at=rungs, artifacts=artifacts)
+                final = train(config, report, eval_at=rungs)
     except SystemExit:
         # Tune stopped the trial inside tune.report (a rung, or Ctrl-C): keep its step losses;
         # the run's status is the driver's to set (pruned: KILLED; interrupted: resumed later).
         logger.flush()
         raise
     except Exception as err:  # noqa: BLE001 - every failure becomes a FAILED trial, the sweep goes on
-        reason = f"{type(err).__name__}: {err}"
+        reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"  # a pack's MemberFailed: the original
         logger.finish(None, "FAILED", step=getattr(err, "step", step), reason=reason)
         tune.report({"trial_status": "FAILED", "failure": reason})
         return

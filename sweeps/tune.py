@@ -162,6 +162,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
         # Once, here: every trial on every node reads them from the object store (DESIGN §2).
         shared = {key: ray.put(art) for key, art in arts.items()}
         cards = dict(sorted((art.key, art.splits.card) for art in arts.values()))
+        runners = _start_pack_runners(spec, shared)
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt) and not prepared.done():
             # Nothing is logged yet. A normal exit would kill the preparing thread inside torch at
@@ -187,7 +188,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
             if record is not None:
                 log.warning("trials: %d -> %d (--trials)", record["trials"], spec.num_trials())
             _write_record(fs, f"{fs_root}/{sweep_name}", spec)
-        ctx = TrialContext(spec, tracking_uri, experiment_id, parent_id, storage_root, shared)
+        ctx = TrialContext(spec, tracking_uri, experiment_id, parent_id, storage_root, shared, runners)
         grid, study, interrupted = _fit(spec, ctx, sweep_path, sweep_name, journal, mirrored, resume, reference)
         checkpoints = {res.metrics.get("trial_id"): res.checkpoint.path for res in grid
                        if res.checkpoint is not None and res.metrics}
@@ -482,6 +483,17 @@ def _check_reachable(address: str | None) -> None:
                            f"is a Ray head running there? (`ray status --address {host}:{port}`)") from None
 
 
+def _start_pack_runners(spec: SweepSpec, shared: dict[str, Any]) -> list:
+    """Under ``resources.pack``: ceil(concurrency / pack) runners, each training up to ``pack``
+    trials at once (sweeps/packing.py); they live as long as this driver's Ray session."""
+    r = spec.resources
+    if r.mode() != "packed":
+        return []
+    from sweeps.packing import start_runners
+
+    return start_runners(*r.pack_runners(spec.concurrency), r.cpus_per_worker, r.gpus_per_worker, shared)
+
+
 def _check_fits(spec: SweepSpec, local: bool) -> None:
     """One trial must fit the cluster, or Tune waits for resources forever. An embedded Ray has
     all it will ever have: refuse. A cluster may be autoscaling: warn."""
@@ -489,7 +501,7 @@ def _check_fits(spec: SweepSpec, local: bool) -> None:
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     try:
-        spec.resources.check_fits(nodes)
+        spec.resources.check_fits(nodes, spec.concurrency)
     except ConfigError as err:
         if local:
             raise

@@ -8,7 +8,7 @@ import torch
 
 from trainable.config import TrainConfig, deep_merge
 from trainable.loop import Diverged, prepare_artifacts, train_loop
-from trainable.packed import Member, Pack, group_key, train_packed, unpackable
+from trainable.packed import Member, Pack, group_key, train_packed
 
 # Four members that differ in every per-member knob: method (so the terms switched on), searched
 # scalars, lr, seed and budget. Budgets differ so members leave the pack at different steps.
@@ -79,7 +79,7 @@ def test_a_pack_of_four_equals_four_solo_runs(tiny_overrides, tmp_path, kind):
     assert not torch.allclose(w[0], w[1]) and not torch.allclose(w[2], w[3])
 
 
-def test_a_member_that_joins_late_or_resumes_from_a_solo_checkpoint_runs_its_own_run(tiny_overrides, tmp_path):
+def test_a_member_that_joins_late_pauses_or_resumes_from_a_solo_checkpoint_runs_its_own_run(tiny_overrides, tmp_path):
     base = deep_merge(tiny_overrides, {"checkpoint_every": 4})
     a, b = _cfg(base, seed=5, budget_steps=10), _cfg(base, seed=6, budget_steps=10, epsilon=0.2)
     art = prepare_artifacts(a)
@@ -94,6 +94,10 @@ def test_a_member_that_joins_late_or_resumes_from_a_solo_checkpoint_runs_its_own
     for _ in range(3):  # a is 3 steps in when b joins, resumed at its step 4
         pack.step()
     pack.add(Member(b, rb, resume_from=mid, name="b"))
+    pack.members[0].paused = True  # a waits (on a scheduler's decision) while b steps alone
+    pack.step()
+    pack.step()
+    pack.members[0].paused = False
     while len(pack):
         pack.step()
     _assert_same_run(solo_a, ra)
@@ -121,11 +125,11 @@ def test_a_member_that_diverges_leaves_alone_and_the_others_are_unchanged(tiny_o
 
 
 def test_what_cannot_pack_is_named_and_shapes_split_packs(tiny_overrides):
-    assert unpackable(_cfg(tiny_overrides)) is None
-    why = unpackable(TrainConfig(method="enchtable"))  # the built-in safety data has a harmful reference
+    assert _cfg(tiny_overrides).unpackable() is None
+    why = TrainConfig(method="enchtable").unpackable()  # the built-in safety data has a harmful reference
     assert "method" in why and "ckt_ro" in why
-    assert "head" in unpackable(_cfg(tiny_overrides, head="lora"))
-    assert "embeddings" in unpackable(_cfg(tiny_overrides, perturb={"space": "embeddings"}))
+    assert "head" in _cfg(tiny_overrides, head="lora").unpackable()
+    assert "embeddings" in _cfg(tiny_overrides, perturb={"space": "embeddings"}).unpackable()
     base = _cfg(tiny_overrides)
     assert group_key(base) == group_key(_cfg(tiny_overrides, distill_weight=7.0, seed=9, lr=0.1, budget_steps=3))
     for over in ({"head_hidden": 16}, {"head": "linear"}, {"precision": "bf16"}, {"perturb": {"kind": "fgsm"}},

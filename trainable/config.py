@@ -179,6 +179,8 @@ class FeaturesConfig(StrictModel):
 Method = Literal["ckt_ro", "ce", "kd", "adv", "sot", "hybrid", "enchtable"]
 NEEDS_REFERENCE = ("sot", "enchtable")
 """Methods that need the harmful reference (data.harmful_reference) and trusted items (data.trusted_size)."""
+PACKED_METHODS = ("ckt_ro", "ce", "kd", "adv")
+"""The methods a pack trains (trainable/packed.py): the unified loss with terms switched off."""
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -351,6 +353,21 @@ class TrainConfig(StrictModel):
         elif self.method == "enchtable":  # the downstream (task) head is a plain fine-tune; the merge adds safety
             w, alpha, lam = 0.0, 1.0, 0.0
         return {"distill_weight": w, "alpha": alpha, "lambda_reg": lam}
+
+    def unpackable(self) -> str | None:
+        """Why this config cannot train in a pack (trainable/packed.py), naming the field and the values a
+        pack allows; None when it can."""
+        if self.method not in PACKED_METHODS:
+            return (f"method: '{self.method}' runs a stage of its own before or after training; allowed in a pack: "
+                    f"{', '.join(PACKED_METHODS)}")
+        if self.head not in ("linear", "mlp"):
+            return f"head: '{self.head}' trains inside the backbone; allowed in a pack: linear, mlp"
+        if self.needs_backbone_in_loop():
+            return ("perturb.space / eval_attack.space: 'embeddings' runs the backbone in the loop; allowed in a "
+                    "pack: features")
+        if self.precision == "fp16":
+            return "precision: 'fp16' needs a grad scaler per member; allowed in a pack: fp32, bf16"
+        return None
 
     def needs_backbone_in_loop(self) -> bool:
         """Cached features suffice unless the backbone itself is trained or perturbed."""

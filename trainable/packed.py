@@ -27,7 +27,7 @@ head unstacked into a ``Student``.
 What packs: heads over cached features (``linear``, ``mlp``) and the methods that are the unified
 loss with terms switched off (``ckt_ro``, ``ce``, ``kd``, ``adv``), in fp32 or bf16 on one process.
 Knobs that change shapes or programs form the ``group_key``; only members with equal keys share
-a pack. ``unpackable`` names what a config needs that a pack does not do.
+a pack. ``TrainConfig.unpackable`` names what a config needs that a pack does not do.
 """
 
 from __future__ import annotations
@@ -44,32 +44,17 @@ import torch.nn.functional as F
 
 from trainable import backbone as bb
 from trainable.config import TrainConfig
-from trainable.loop import DTYPES, EVAL_ITEMS, Artifacts, Diverged, batch_indices, evaluate_split, save_checkpoint
+from trainable.loop import (DTYPES, EVAL_ITEMS, Artifacts, Diverged, artifact_key, batch_indices, evaluate_split,
+                            save_checkpoint)
 
 Report = Callable[..., None]
-PACKED_METHODS = ("ckt_ro", "ce", "kd", "adv")
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which the solo loop uses
-
-
-def unpackable(config: TrainConfig) -> str | None:
-    """Why ``config`` cannot train in a pack (a field and its allowed values), or None if it can."""
-    if config.method not in PACKED_METHODS:
-        return (f"method: '{config.method}' runs a stage of its own before or after training; allowed in a pack: "
-                f"{', '.join(PACKED_METHODS)}")
-    if config.head not in ("linear", "mlp"):
-        return f"head: '{config.head}' trains inside the backbone; allowed in a pack: linear, mlp"
-    if config.needs_backbone_in_loop():
-        return "perturb.space / eval_attack.space: 'embeddings' runs the backbone in the loop; allowed in a pack: features"
-    if config.precision == "fp16":
-        return "precision: 'fp16' needs a grad scaler per member; allowed in a pack: fp32, bf16"
-    return None
 
 
 def group_key(config: TrainConfig) -> tuple:
     """What must be equal for two members to share one vectorised program: shapes (head, hidden,
     batch), the program itself (precision, perturbation, KD direction, eval attack, device) and
     the data (the shared artifacts). Everything else is a member's own."""
-    from trainable.loop import artifact_key
 
     p = config.perturb
     return (config.head, config.head_hidden, config.batch_size, config.precision, p.kind, p.norm, p.steps,
@@ -214,6 +199,8 @@ class Member:
     step: int = 0
     losses: dict[str, float] = field(default_factory=dict)
     final: dict[str, float] | None = None
+    paused: bool = False
+    """Skipped by ``Pack.step`` while set: its owner waits on a decision about its last report (a rung)."""
 
 
 SCALARS = ("distill_weight", "tau", "alpha", "epsilon", "lambda_reg", "lr", "weight_decay", "clip")
@@ -252,7 +239,7 @@ class Pack:
 
     def add(self, member: Member) -> None:
         """Add a member at its start, or at its checkpoint's step (a solo or packed checkpoint)."""
-        why = unpackable(member.config)
+        why = member.config.unpackable()
         if why:
             raise ValueError(why)
         key = group_key(member.config)
@@ -307,26 +294,34 @@ class Pack:
 
     # the step -----------------------------------------------------------------------------------
 
-    def _scalars(self) -> dict[str, torch.Tensor]:
-        rows = []
-        for mem in self.members:
-            c, t = mem.config, mem.config.terms()
-            rows.append([t["distill_weight"], c.tau, t["alpha"], c.epsilon, t["lambda_reg"], c.lr, c.weight_decay,
-                         c.clip_grad_norm or math.inf])
-        cols = torch.tensor(rows, dtype=torch.float32, device=self.device).T
+    def _scalars(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        values = []
+        for i in rows:
+            c = self.members[i].config
+            t = c.terms()
+            values.append([t["distill_weight"], c.tau, t["alpha"], c.epsilon, t["lambda_reg"], c.lr, c.weight_decay,
+                           c.clip_grad_norm or math.inf])
+        cols = torch.tensor(values, dtype=torch.float32, device=self.device).T
         return dict(zip(SCALARS, cols))
 
     def step(self) -> list[tuple[Member, BaseException | None]]:
-        """One optimizer step for every member; returns the members that left, with their error if any."""
-        if not self.members:
+        """One optimizer step for every member not ``paused`` (waiting on a decision about its last
+        report); returns the members that left in it, with their error if any."""
+        rows = [i for i, m in enumerate(self.members) if not m.paused]
+        if not rows:
             return []
-        cfg0 = self.members[0].config
+        whole = len(rows) == len(self.members)
+        index = torch.tensor(rows, dtype=torch.long)
+        take = (lambda d: d) if whole else (lambda d: {n: t[index] for n, t in d.items()})  # noqa: E731
+        members = [self.members[i] for i in rows]
+        cfg0 = members[0].config
         pcfg = cfg0.perturb
-        idx = torch.stack([batch_indices(len(self.y), m.config.batch_size, m.config.seed, m.step) for m in self.members])
+        idx = torch.stack([batch_indices(len(self.y), m.config.batch_size, m.config.seed, m.step) for m in members])
         x, y, z_t = self.features[idx], self.y[idx], self.z_t[idx]
-        gens = [torch.Generator().manual_seed(m.config.seed * 1_000_003 + m.step) for m in self.members]
-        s = self._scalars()
-        theta = {n: p.detach().requires_grad_(True) for n, p in self.theta.items()}
+        gens = [torch.Generator().manual_seed(m.config.seed * 1_000_003 + m.step) for m in members]
+        s = self._scalars(rows)
+        theta = {n: p.detach().requires_grad_(True) for n, p in take(self.theta).items()}
+        m1, m2 = take(self.m), take(self.v)
         autocast = torch.autocast(device_type=y.device.type, dtype=DTYPES[cfg0.precision],
                                   enabled=cfg0.precision != "fp32")
         with autocast:
@@ -335,19 +330,24 @@ class Pack:
         values = torch.stack([t.detach().double() for t in out.values()], 1)  # [K, 4]
         grads = dict(zip(theta, torch.autograd.grad(out["loss"].sum(), list(theta.values()))))
         norms = clip_per_member(grads, s["clip"])
-        self.adam_steps += 1
-        adamw_step(theta, grads, self.m, self.v, self.adam_steps, s["lr"], s["weight_decay"])
-        self.theta = {n: p.detach() for n, p in theta.items()}
+        adam_steps = self.adam_steps[index] + 1
+        adamw_step(theta, grads, m1, m2, adam_steps, s["lr"], s["weight_decay"])
+        if whole:  # updated in place
+            self.theta = {n: p.detach() for n, p in theta.items()}
+        else:
+            for n in self.theta:
+                self.theta[n][index], self.m[n][index], self.v[n][index] = theta[n].detach(), m1[n], m2[n]
+        self.adam_steps[index] = adam_steps
 
         left: list[tuple[Member, BaseException | None]] = []
-        for i, mem in enumerate(list(self.members)):
-            losses = dict(zip(out, values[i].tolist()))
+        for k, (i, mem) in enumerate(zip(rows, members)):
+            losses = dict(zip(out, values[k].tolist()))
             bad = next(((t, val) for t, val in losses.items() if not math.isfinite(val)), None)
             if bad is not None:  # as the solo loop: diverged at this step, before its update counts
                 left.append((mem, Diverged(mem.step + 1, *bad)))
                 continue
             mem.step += 1
-            mem.losses = losses | {"grad_norm": float(norms[i])}
+            mem.losses = losses | {"grad_norm": float(norms[k])}
             try:
                 if self._report(i, mem):
                     left.append((mem, None))
