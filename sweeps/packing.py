@@ -72,11 +72,12 @@ class PackRunner:
     """One process that trains up to ``capacity`` members, grouped by ``trainable.packed.group_key``
     (members of another head shape, precision or dataset train in a pack of their own)."""
 
-    def __init__(self, capacity: int, artifacts: dict[str, Any]):
+    def __init__(self, capacity: int):
         import torch
 
         torch.set_num_threads(1)  # one CPU per runner (resources.cpus_per_worker); the pack is the parallelism
-        self.capacity, self.artifact_refs = capacity, artifacts
+        self.capacity = capacity
+        self.artifact_refs: dict[str, ray.ObjectRef] = {}
         self.artifacts: dict[str, Any] = {}
         self.slots: dict[str, _Slot] = {}
         self.packs: dict[tuple, Any] = {}
@@ -88,14 +89,18 @@ class PackRunner:
 
     # -- called by trials ------------------------------------------------------------------------
 
-    def join(self, trial_id: str, config: dict, resume: dict[str, bytes] | None,
-             eval_at: Sequence[int]) -> tuple[str, int] | None:
+    def join(self, trial_id: str, config: dict, resume: dict[str, bytes] | None, eval_at: Sequence[int],
+             artifacts: dict[str, ray.ObjectRef]) -> tuple[str, int] | None:
         """Take the trial's member if a slot is free: (this runner's actor id, the step the member
-        starts at: its checkpoint's when resumed, else 0); None if this runner is full."""
+        starts at: its checkpoint's when resumed, else 0); None if this runner is full.
+        ``artifacts``: the driver's shared artifacts by key (sweeps.trial.TrialContext.artifacts),
+        handed over with each join rather than to the constructor: a restarted runner (after its
+        node died) then needs nothing of its first life."""
         from trainable.loop import checkpoint_step
         from trainable.packed import Member
 
         with self.lock:
+            self.artifact_refs.update(artifacts)
             if trial_id in self.slots:  # a retried call of the same trial: replace its member
                 self.leaving.add(trial_id)
             elif sum(not s.closed for s in self.slots.values()) >= self.capacity:
@@ -216,14 +221,14 @@ def _is_rung(metrics: dict[str, float], checkpoint, config: TrainConfig) -> bool
     return checkpoint is None and "kd_alignment" in metrics and int(metrics.get("step", 0)) < config.budget_steps
 
 
-def start_runners(count: int, capacity: int, cpus: float, gpus: float, artifacts: dict[str, Any]) -> list:
+def start_runners(count: int, capacity: int, cpus: float, gpus: float) -> list:
     """The sweep's pack runners, owned by the driver (they end with it)."""
-    return [PackRunner.options(num_cpus=cpus, num_gpus=gpus, max_concurrency=capacity + 8).remote(capacity, artifacts)
+    return [PackRunner.options(num_cpus=cpus, num_gpus=gpus, max_concurrency=capacity + 8).remote(capacity)
             for _ in range(count)]
 
 
-def train_in_pack(runners: Sequence, trial_id: str, config: TrainConfig, report: Callable[..., None],
-                  resume_from: str | Path | None = None, eval_at: Sequence[int] = (),
+def train_in_pack(runners: Sequence, artifacts: dict[str, ray.ObjectRef], trial_id: str, config: TrainConfig,
+                  report: Callable[..., None], resume_from: str | Path | None = None, eval_at: Sequence[int] = (),
                   on_join: Callable[[str, int], None] | None = None) -> dict[str, float]:
     """``train_loop``'s contract, with the training done by a pack runner: joins the first runner with a
     free slot, relays every report of its member to ``report`` in order, and returns the final metrics.
@@ -235,7 +240,7 @@ def train_in_pack(runners: Sequence, trial_id: str, config: TrainConfig, report:
     runner = None
     while runner is None:  # every slot is taken only until a leaving member's slot frees
         for r in order:
-            joined = ray.get(r.join.remote(trial_id, config.model_dump(mode="json"), resume, list(eval_at)))
+            joined = ray.get(r.join.remote(trial_id, config.model_dump(mode="json"), resume, list(eval_at), artifacts))
             if joined is not None:
                 runner = r
                 break

@@ -194,6 +194,15 @@ class Resources(StrictModel):
                         f"resources.pack: concurrency {concurrency} in packs of {size} needs {runners} pack runners of "
                         f"{each:g} {kind} (resources.{kind.lower()}s_per_worker); the cluster fits {fit}: raise "
                         f"resources.pack, lower concurrency or resources.{kind.lower()}s_per_worker")
+            # the relaying trials hold DRIVER_CPU each beside the runners: with none left, no trial starts
+            need = runners * self.cpus_per_worker + concurrency * self.DRIVER_CPU
+            if need > total["CPU"] + 1e-9:
+                most = (total["CPU"] - concurrency * self.DRIVER_CPU) / runners
+                raise ConfigError(
+                    f"resources.pack: {runners} pack runners x cpus_per_worker ({self.cpus_per_worker:g}) + {concurrency} "
+                    f"relaying trials x {self.DRIVER_CPU} CPU = {need:g} CPU; the cluster has {total['CPU']:g}: set "
+                    f"resources.cpus_per_worker <= {math.floor(most * 100) / 100:g}, raise resources.pack or lower "
+                    "concurrency")
             return
         if self.mode() != "torch_trainer":
             return

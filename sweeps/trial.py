@@ -110,7 +110,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
                 def joined(runner_id: str, step: int) -> None:
                     logger.tag(pack_runner=runner_id, **({"resumed_from_step": str(step)} if step else {}))
 
-                train = partial(train_in_pack, ctx.pack_runners, tctx.get_trial_id(), on_join=joined)
+                train = partial(train_in_pack, ctx.pack_runners, ctx.artifacts, tctx.get_trial_id(), on_join=joined)
             else:
                 from trainable.loop import checkpoint_step, train_loop
 

@@ -162,7 +162,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
         # Once, here: every trial on every node reads them from the object store (DESIGN §2).
         shared = {key: ray.put(art) for key, art in arts.items()}
         cards = dict(sorted((art.key, art.splits.card) for art in arts.values()))
-        runners = _start_pack_runners(spec, shared)
+        runners = _start_pack_runners(spec)
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt) and not prepared.done():
             # Nothing is logged yet. A normal exit would kill the preparing thread inside torch at
@@ -483,7 +483,7 @@ def _check_reachable(address: str | None) -> None:
                            f"is a Ray head running there? (`ray status --address {host}:{port}`)") from None
 
 
-def _start_pack_runners(spec: SweepSpec, shared: dict[str, Any]) -> list:
+def _start_pack_runners(spec: SweepSpec) -> list:
     """Under ``resources.pack``: ceil(concurrency / pack) runners, each training up to ``pack``
     trials at once (sweeps/packing.py); they live as long as this driver's Ray session."""
     r = spec.resources
@@ -491,7 +491,7 @@ def _start_pack_runners(spec: SweepSpec, shared: dict[str, Any]) -> list:
         return []
     from sweeps.packing import start_runners
 
-    return start_runners(*r.pack_runners(spec.concurrency), r.cpus_per_worker, r.gpus_per_worker, shared)
+    return start_runners(*r.pack_runners(spec.concurrency), r.cpus_per_worker, r.gpus_per_worker)
 
 
 def _check_fits(spec: SweepSpec, local: bool) -> None:

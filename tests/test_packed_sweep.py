@@ -4,6 +4,7 @@ the same metrics it gets unpacked, and a clean SIGKILL + ``--resume``. Real Ray,
 (sqlite) through the `alignsweep` console script, on the tiny BERT."""
 
 import os
+import re
 import sqlite3
 import subprocess
 import time
@@ -118,3 +119,22 @@ def test_what_cannot_pack_is_refused_before_ray(tmp_path, tiny_backbone, toy_csv
     out, _ = sweep(tmp_path, spec)
     refused(out, *names)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("resources, nodes, concurrency, message", [
+    ({"pack": 16}, [{"CPU": 2.0}], 16, None),  # one runner of 1 CPU + 16 relays of 0.01
+    ({"pack": 16}, [{"CPU": 2.0}], 32, "resources.cpus_per_worker <= 0.84"),  # two runners leave no CPU to relay
+    ({"pack": 16, "cpus_per_worker": 0.8}, [{"CPU": 2.0}], 32, None),
+    ({"pack": "auto", "gpus_per_worker": 0.5}, [{"CPU": 8.0, "GPU": 1.0}], 48, "needs 3 pack runners of 0.5 GPU"),
+])
+def test_pack_runners_must_fit_beside_their_relaying_trials(resources, nodes, concurrency, message):
+    """Tune would wait forever for a trial that cannot be placed: the runners and the 0.01-CPU relays together."""
+    from sweeps.spec import Resources
+    from trainable.config import ConfigError
+
+    r = Resources(**resources)
+    if message is None:
+        r.check_fits(nodes, concurrency)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            r.check_fits(nodes, concurrency)
