@@ -10,10 +10,12 @@
      ``resources.gpus_per_worker: 0.25`` and concurrency 4; how many trials ran at once (from their
      MLflow runs' start and end times) and the sweep's wall time
   d. ms per step on the GPU vs the CPU, the same fp32 config and batch
+  e. a pack of 16 heads (``resources.pack``, trainable/packed.py) vs the same configs trained one by
+     one on the same device: time per trial
 
 Offline throughout: the embedded MiniLM (backbone ``all-MiniLM-L6-v2``), or with ``--tiny`` a random
 BERT written by ``tests/helpers.write_tiny_bert``; the toy prompts of ``tests/helpers.toy_prompts``
-written to a CSV. Without CUDA it prints one line and exits 0; ``--cpu`` runs a-c on the CPU instead
+written to a CSV. Without CUDA it prints one line and exits 0; ``--cpu`` runs a-c and e on the CPU instead
 (fp16 autocast with a CPU grad scaler) so the code paths can be checked anywhere: ~35 s with --tiny
 on 2 busy CPU cores. Expected well under 5 minutes on an H200 (not yet measured on one).
 
@@ -181,6 +183,34 @@ def check_packed_sweep(fields: dict, work: Path, device: str) -> None:
           f"(Ray start and shared artifacts included), trials {', '.join(f'{s:.1f}' for s in trial_s)} s", flush=True)
 
 
+def check_pack(fields: dict, art, device: str, steps: int, size: int = 16) -> None:
+    """A pack of ``size`` heads (trainable/packed.py) against the same configs trained alone, on one device."""
+    import random
+
+    from trainable.loop import train_loop
+    from trainable.packed import Member, train_packed
+
+    rng = random.Random(0)
+    configs = [config(fields, device=device, budget_steps=steps, checkpoint_every=steps, seed=i,
+                      distill_weight=rng.uniform(0.1, 5), epsilon=rng.uniform(0, 0.2), alpha=rng.random(),
+                      lambda_reg=10 ** rng.uniform(-4, 0)) for i in range(size)]
+    noop = lambda metrics, checkpoint=None: None  # noqa: E731
+    solo_n = 4  # solo time per trial from a few of them
+    sync(device)
+    t = time.perf_counter()
+    for cfg in configs[:solo_n]:
+        train_loop(cfg, noop, artifacts=art)
+    sync(device)
+    solo = (time.perf_counter() - t) / solo_n
+    t = time.perf_counter()
+    outcome = train_packed([Member(c, noop, name=f"m{i}") for i, c in enumerate(configs)], art)
+    sync(device)
+    packed = (time.perf_counter() - t) / size
+    failed = sum(isinstance(o, BaseException) for o in outcome)
+    print(f"e. a pack of {size} heads vs alone, {steps} steps each on {device}: {1e3 * packed:.0f} ms per trial packed, "
+          f"{1e3 * solo:.0f} ms alone ({solo / packed:.2f}x trials per second); {failed} members failed", flush=True)
+
+
 def check_step_time(fields: dict, art, steps: int) -> None:
     import torch
 
@@ -195,7 +225,7 @@ def check_step_time(fields: dict, art, steps: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu", action="store_true", help="run a-c on the CPU (no GPU needed): checks the code paths")
+    ap.add_argument("--cpu", action="store_true", help="run a-c and e on the CPU (no GPU needed): checks the code paths")
     ap.add_argument("--tiny", action="store_true", help="a random tiny BERT instead of the embedded MiniLM")
     ap.add_argument("--steps", type=int, default=50, help="train steps of checks a, b and d")
     ap.add_argument("--work", help="working directory (default: a temporary one)")
@@ -221,6 +251,7 @@ def main() -> int:
         check_precision("a", fields, art, device, "fp16", args.steps)
         check_precision("b", fields, art, device, "bf16", args.steps)
         check_packed_sweep(fields, work, device)
+        check_pack(fields, art, device, 2 * args.steps)
         if device == "cuda":
             check_step_time(fields, art, args.steps)
         else:

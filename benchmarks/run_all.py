@@ -5,7 +5,8 @@
     python benchmarks/run_all.py --smoke    # every section at a tiny size (what CI runs)
 
 Sections (issue 6): 1 step cost, 2 shared cache, 3 service overhead, 4 search efficiency,
-5 scale, 6 memory; (issue 12) 7 early stopping; (issue 13) 5f, a 1,000-trial sweep beside row 5b. Each figure is a ratio against a baseline measured side by side in the same
+5 scale, 6 memory; (issue 12) 7 early stopping; (issue 13) 5f, a 1,000-trial sweep beside row 5b;
+(issue 15) 8 packed trials. Each figure is a ratio against a baseline measured side by side in the same
 run; each section runs in a fresh process (its module's docstring says exactly what it
 measures). Nothing here asserts on time: targets are reported as met or missed, with by how much.
 """
@@ -34,11 +35,12 @@ SECTIONS = [  # (module, what it prints)
     ("scale", "5 scale"),
     ("long_sweep", "5 scale: a 1,000-trial sweep"),
     ("early_stopping", "7 early stopping"),
+    ("packed", "8 packed trials"),
 ]
 TITLES = {1: "step cost", 2: "shared cache", 3: "service overhead", 4: "search efficiency", 5: "scale", 6: "memory",
-          7: "early stopping"}
+          7: "early stopping", 8: "packed trials"}
 TIMEOUT_S = {"step_cost": 600, "cache": 600, "service": 1200, "search": 1800, "scale": 1500, "long_sweep": 1800,
-             "early_stopping": 1200}
+             "early_stopping": 1200, "packed": 3600}
 
 
 def fmt_value(v: float, unit: str) -> str:
