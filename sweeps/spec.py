@@ -145,12 +145,15 @@ class Resources(StrictModel):
                              "and launch auto or in_process (or pack=1)")
         return self
 
-    @field_validator("pack")
+    @field_validator("pack", mode="before")
     @classmethod
-    def _whole_pack(cls, pack: int | str) -> int | str:
-        if pack != "auto" and pack < 1:
-            raise ValueError(f"got {pack}; allowed: a whole number >= 1, or auto")
-        return pack
+    def _whole_pack(cls, pack: Any) -> int | str:
+        if pack == "auto":
+            return pack
+        whole = isinstance(pack, int) and not isinstance(pack, bool) or isinstance(pack, str) and pack.isdigit()
+        if not whole or int(pack) < 1:
+            raise ValueError(f"got {pack!r}; allowed: a whole number >= 1, or auto")
+        return int(pack)
 
     def mode(self) -> str:
         if self.pack != 1:

@@ -105,6 +105,7 @@ def test_a_packed_sweep_survives_sigkill_and_resume(tmp_path, tiny_backbone, toy
     ({"train_over": {"head": "lora"}}, ["resources.pack", "train.head", "linear, mlp"]),
     ({"resources": {"pack": 4, "workers_per_trial": 2}}, ["resources", "pack=4", "workers_per_trial=1"]),
     ({"resources": {"pack": 0}}, ["resources.pack", "auto"]),
+    ({"resources": {"pack": "many"}}, ["resources.pack", "got 'many'", "auto"]),
 ])
 def test_what_cannot_pack_is_refused_before_ray(tmp_path, tiny_backbone, toy_csv, over, names):
     """Exit 2, one line naming the field and what a pack allows, nothing written."""
