@@ -179,6 +179,7 @@ class PackRunner:
             for pack in self.packs.values():
                 for mem in [m for m in pack.members if m.name in leaving]:
                     pack.remove(mem)
+                    self._forget(mem)
             for slot in joining:
                 if slot.closed:
                     continue
@@ -201,11 +202,21 @@ class PackRunner:
                     left = [(mem, err) for mem in pack.members]
                     pack.members.clear()
                 for mem, err in left:
+                    self._forget(mem)
                     slot = next((s for s in self.slots.values() if s.member is mem), None)
                     if slot is not None:
                         self._left(slot, err)
                 if not len(pack):
                     del self.packs[key]
+
+    def _forget(self, mem) -> None:
+        """A member's checkpoint directory goes with it: a runner serves a thousand trials."""
+        shutil.rmtree(Path(self.tmp.name) / "ckpt" / mem.name, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove this runner's temporary files; the driver calls it before Ray ends the actor
+        (an actor killed at shutdown runs no finalizer)."""
+        self.tmp.cleanup()
 
     def _left(self, slot: _Slot, err: BaseException | None) -> None:
         with self.lock:

@@ -190,6 +190,8 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
             _write_record(fs, f"{fs_root}/{sweep_name}", spec)
         ctx = TrialContext(spec, tracking_uri, experiment_id, parent_id, storage_root, shared, runners)
         grid, study, interrupted = _fit(spec, ctx, sweep_path, sweep_name, journal, mirrored, resume, reference)
+        if runners:  # their temp dirs; the actors themselves end with Ray
+            ray.get([r.close.remote() for r in runners], timeout=30)
         checkpoints = {res.metrics.get("trial_id"): res.checkpoint.path for res in grid
                        if res.checkpoint is not None and res.metrics}
         # Ray's shutdown (~1.4 s here) runs beside finalize, which needs only MLflow and the study.
