@@ -230,6 +230,20 @@ def section_main(run: Callable[[bool, Path], list[Row]]) -> None:
     Path(args.out).write_text(json.dumps({"rows": [r.as_dict() for r in rows], "wall_s": time.monotonic() - started}))
 
 
+def section_or_child_main(run: Callable[[bool, Path], list[Row]], child: Callable[[Path, Path, Path], None]) -> None:
+    """``section_main(run)``, or with ``--child SPEC --work DIR --out FILE`` one measured sweep in a
+    clean process: ``child(spec, out, work)`` (the sections that time whole ``run_sweep`` calls)."""
+    if "--child" not in sys.argv:
+        section_main(run)
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    child(a.child, a.out, a.work)
+
+
 def run_clean(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None) -> int:
     """Run ``cmd`` (output to ``log_path``); on timeout, SIGINT it (a sweep driver then shuts Ray
     down itself), and after a grace period kill whatever of its process tree is left, by pid.

@@ -21,7 +21,6 @@ gets slower as the sweep grows, for instance because the driver takes more of th
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import REPO, Row, base_train, log, row, run_clean, section_main
+from benchmarks.common import REPO, Row, base_train, log, row, run_clean, section_or_child_main
 
 TARGET = 1.2
 """Wall / (summed child time / concurrency). 1.11x was measured here before this row existed
@@ -119,12 +118,4 @@ def run(smoke: bool, work: Path) -> list[Row]:
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        ap = argparse.ArgumentParser()
-        ap.add_argument("--child", type=Path)
-        ap.add_argument("--work", type=Path)
-        ap.add_argument("--out", type=Path)
-        a = ap.parse_args()
-        child(a.child, a.out, a.work)
-    else:
-        section_main(run)
+    section_or_child_main(run, child)

@@ -31,7 +31,6 @@ constant liar sees 16 pending points when it suggests.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import REPO, Row, base_train, log, median, row, run_clean, section_main
+from benchmarks.common import REPO, Row, base_train, log, median, row, run_clean, section_or_child_main
 
 TARGET = 5.0
 """Trials per CPU-second at pack 16 / unpacked (issue 15)."""
@@ -199,12 +198,4 @@ def run(smoke: bool, work: Path) -> list[Row]:
     return rows
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        ap = argparse.ArgumentParser()
-        ap.add_argument("--child", type=Path)
-        ap.add_argument("--work", type=Path)
-        ap.add_argument("--out", type=Path)
-        a = ap.parse_args()
-        child(a.child, a.out, a.work)
-    else:
-        section_main(run)
+    section_or_child_main(run, child)

@@ -82,12 +82,25 @@ def run_ranks(tmp_path: Path, job: str) -> list[dict]:
     ctx = mp.start_processes(_rank_main, args=(str(tmp_path / "store"), str(tmp_path), job), nprocs=WORLD,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):  # re-raises a rank's exception
+    results = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
+    while True:
+        try:
+            if ctx.join(timeout=1):  # re-raises a rank's exception
+                break
+        except mp.ProcessExitedException:
+            # gloo's teardown sometimes aborts a rank at exit ("terminate called without an active
+            # exception", seen once in CI) after the rank saved its result: the step under test is done.
+            # A rank that died before saving still fails here.
+            if not all(r.is_file() for r in results):
+                raise
+            for p in ctx.processes:
+                p.join(timeout=TIMEOUT_S)
+            break
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{job}: the ranks did not finish within {TIMEOUT_S} s (one is stuck in a collective)")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(r, weights_only=False) for r in results]
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
