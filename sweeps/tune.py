@@ -151,6 +151,21 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
     target = address or os.environ.get("RAY_ADDRESS")
     ray_up = threading.Event() if _features_may_use_ray(spec, target) else None
     prepared = _in_background(_prepare, spec, tracking_uri, sweep_path, ray_up)
+
+    def interrupted_while_preparing(signum=None, frame=None) -> None:
+        if prepared.done():
+            raise KeyboardInterrupt
+        # Nothing is logged yet. A normal exit would kill the preparing thread inside torch at
+        # interpreter shutdown, which aborts the process with a C++ stack trace (seen here); so
+        # would ray.shutdown() beside that thread once Ray runs with token auth (a
+        # ~/.ray/auth_token). An embedded Ray's processes are fate-shared with this one.
+        print("interrupted while preparing shared artifacts; nothing was logged", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    # A handler of our own, not KeyboardInterrupt: a Ctrl-C that lands while this thread imports
+    # (Ray's start-up imports for seconds) raises inside importlib's lock callback, which prints
+    # "Exception ignored" and swallows it, and the driver then waited out the whole preparation.
+    previous = signal.signal(signal.SIGINT, interrupted_while_preparing)
     try:
         try:
             local = _start_ray(address)
@@ -164,15 +179,12 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
         cards = dict(sorted((art.key, art.splits.card) for art in arts.values()))
         runners = _start_pack_runners(spec)
     except BaseException as err:
-        if isinstance(err, KeyboardInterrupt) and not prepared.done():
-            # Nothing is logged yet. A normal exit would kill the preparing thread inside torch at
-            # interpreter shutdown, which aborts the process with a C++ stack trace (seen here);
-            # so would ray.shutdown() beside that thread once Ray runs with token auth (a
-            # ~/.ray/auth_token). An embedded Ray's processes are fate-shared with this one.
-            print("interrupted while preparing shared artifacts; nothing was logged", file=sys.stderr, flush=True)
-            os._exit(130)
+        if isinstance(err, KeyboardInterrupt):
+            interrupted_while_preparing()  # exits unless the preparation is done
         ray.shutdown()
         raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
     parent_id = experiment_id = None
     try:
         experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment_name)
