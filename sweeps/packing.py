@@ -145,10 +145,6 @@ class PackRunner:
                 self.leaving.add(trial_id)
                 self.lock.notify_all()
 
-    def members(self) -> int:
-        with self.lock:
-            return sum(len(p) for p in self.packs.values())
-
     # -- the training thread ---------------------------------------------------------------------
 
     def _reporter(self, slot: _Slot) -> Callable[..., None]:
