@@ -42,6 +42,7 @@ from typing import Any
 
 import ray
 
+from sweeps.tracking import STEP_METRICS
 from trainable.config import TrainConfig
 
 CHECKPOINT_FILES = ("state.pt", "eval_items.json")
@@ -109,7 +110,7 @@ class PackRunner:
             self.artifact_refs.update(artifacts)
             if trial_id in self.slots:  # a retried call of the same trial: replace its member
                 self.leaving.add(trial_id)
-            elif sum(not s.closed for s in self.slots.values()) >= self.capacity:
+            elif len(self.slots) >= self.capacity:  # a slot leaves self.slots when its trial leaves
                 return None
             cfg = TrainConfig.model_validate(config)
             resume_dir = _write_checkpoint(resume, Path(self.tmp.name) / "resume" / trial_id) if resume else None
@@ -155,8 +156,10 @@ class PackRunner:
                 shutil.rmtree(checkpoint, ignore_errors=True)
             with self.lock:
                 slot.events.append(("report", dict(metrics), files))
-                if slot.member.config and _is_rung(metrics, checkpoint, slot.member.config):
-                    slot.member.paused = True  # until the trial has relayed it and the scheduler has decided
+                if checkpoint is None and any(k not in STEP_METRICS and k != "step" for k in metrics):
+                    # validation at a rung (what TrialLogger logs as one): the member waits until
+                    # the trial has relayed it and the scheduler has decided
+                    slot.member.paused = True
                 self.lock.notify_all()
         return report
 
@@ -227,11 +230,6 @@ class PackRunner:
             else:
                 slot.events.append(("failed", f"{type(err).__name__}: {err}", int(getattr(err, "step", slot.member.step))))
             self.lock.notify_all()
-
-
-def _is_rung(metrics: dict[str, float], checkpoint, config: TrainConfig) -> bool:
-    """A report at a rung: validation metrics below the budget, no checkpoint (trainable.loop's contract)."""
-    return checkpoint is None and "kd_alignment" in metrics and int(metrics.get("step", 0)) < config.budget_steps
 
 
 def start_runners(count: int, capacity: int, cpus: float, gpus: float) -> list:

@@ -139,3 +139,20 @@ def test_pack_runners_must_fit_beside_their_relaying_trials(resources, nodes, co
     else:
         with pytest.raises(ConfigError, match=re.escape(message)):
             r.check_fits(nodes, concurrency)
+
+
+def test_moasha_stops_packed_members_at_their_rungs(tmp_path, tiny_backbone, toy_csv):
+    """A member reporting at a rung waits in its pack for the scheduler; a stopped one is KILLED with
+    pruned_at_step in MLflow and PRUNED in Optuna, exactly as unpacked."""
+    from tests.test_sweep import _assert_pruned_sweep, _moasha_spec
+
+    spec = _moasha_spec(tmp_path, tiny_backbone, toy_csv, "moasha-packed", trials=6)
+    raw = yaml.safe_load(spec.read_text())
+    raw.update(concurrency=3, resources={"pack": 3})
+    spec.write_text(yaml.safe_dump(raw))
+    out, uri = sweep(tmp_path, spec)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    spent = _assert_pruned_sweep(uri, "moasha-packed", 6, 36)
+    assert spent < 6 * 36
+    _, _, children = runs_of(uri, "moasha-packed")
+    assert all("pack_runner" in c.data.tags for c in children)
