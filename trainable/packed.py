@@ -69,11 +69,20 @@ def head_logits(theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor
     """z[k] = h_theta[k](x[k]) for stacked heads: x [K, B, D] -> z [K, B, C].
 
     ``theta`` holds the solo head's parameters by name (``weight``/``bias`` for linear, ``0.*`` and
-    ``2.*`` for the MLP's two layers), each with a leading member dimension."""
+    ``2.*`` for the MLP's two layers), each with a leading member dimension, and each weight in the
+    pack's layout [K, in, out] (``to_pack_layout``): the product and its gradient then read and
+    write the weight as stored, where the solo layout [K, out, in] costs a transposed copy of the
+    largest tensor in every backward."""
     if "weight" in theta:
-        return torch.baddbmm(theta["bias"].unsqueeze(1), x, theta["weight"].transpose(1, 2))
-    h = F.gelu(torch.baddbmm(theta["0.bias"].unsqueeze(1), x, theta["0.weight"].transpose(1, 2)))
-    return torch.baddbmm(theta["2.bias"].unsqueeze(1), h, theta["2.weight"].transpose(1, 2))
+        return torch.baddbmm(theta["bias"].unsqueeze(1), x, theta["weight"])
+    h = F.gelu(torch.baddbmm(theta["0.bias"].unsqueeze(1), x, theta["0.weight"]))
+    return torch.baddbmm(theta["2.bias"].unsqueeze(1), h, theta["2.weight"])
+
+
+def to_pack_layout(t: torch.Tensor) -> torch.Tensor:
+    """One member's parameter (or its AdamW moment) between nn.Linear's layout and the pack's: a
+    weight [out, in] <-> [in, out], a bias unchanged. A transpose, so it is its own inverse."""
+    return t.transpose(-2, -1).contiguous() if t.dim() >= 2 else t
 
 
 def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -126,8 +135,18 @@ def packed_losses(theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tens
     term that no member weighs is not computed; a member whose weight is zero gets exactly 0 from it."""
     k, b = y.shape
     ce = lambda z: F.cross_entropy(z.float().flatten(0, 1), y.flatten(), reduction="none").view(k, b).mean(1)  # noqa: E731
-    z = head_logits(theta, x)
     w, tau, alpha, lam = (scalars[n] for n in ("distill_weight", "tau", "alpha", "lambda_reg"))
+    perturbed = bool((alpha < 1).any())
+    if perturbed:
+        fixed = {n: p.detach() for n, p in theta.items()}  # the attacker differentiates in delta only
+        delta = packed_delta(kind, lambda xp: ce(head_logits(fixed, xp)), x, scalars["epsilon"], norm, steps,
+                             step_scale, generators)
+        # f(x) and f(x + delta) as one product over 2B rows: each weight then has one use in the
+        # graph, so its gradient (and the penalty's second derivative) is one batched product
+        # rather than two plus a sum of weight-sized tensors
+        z, z_p = head_logits(theta, torch.cat([x, x + delta.to(x.dtype)], 1)).split(b, 1)
+    else:
+        z = head_logits(theta, x)
     zero = z.new_zeros(k, dtype=torch.float32)
 
     l_kd = zero
@@ -139,48 +158,65 @@ def packed_losses(theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tens
         l_kd = w * tau.pow(2) * kl.mean(1)
 
     l_nr = alpha * ce(z)
-    if bool((alpha < 1).any()):
-        fixed = {n: p.detach() for n, p in theta.items()}  # the attacker differentiates in delta only
-        delta = packed_delta(kind, lambda xp: ce(head_logits(fixed, xp)), x, scalars["epsilon"], norm, steps,
-                             step_scale, generators)
-        l_nr = l_nr + (1 - alpha) * ce(head_logits(theta, x + delta.to(x.dtype)))
+    if perturbed:
+        l_nr = l_nr + (1 - alpha) * ce(z_p)
 
     l_reg = zero
     if bool((lam > 0).any()):
         params = list(theta.values())
         grads = torch.autograd.grad(l_nr.sum(), params, create_graph=True)
-        penalty = sum(g.float().pow(2).flatten(1).sum(1) for g in grads)
+        # ||g||^2 as the square of the norm: its backward is one pass over g (g * 2), where pow(2)'s
+        # takes three over the largest, weight-sized gradient
+        penalty = sum(torch.linalg.vector_norm(g.float().flatten(1), dim=1).square() for g in grads)
         l_reg = lam * penalty
     return {"loss": l_kd + l_nr + l_reg, "l_kd": l_kd, "l_nr": l_nr, "l_reg": l_reg}
 
 
+CHUNK_BYTES = 1 << 19
+"""Bytes of one parameter tensor that the optimizer updates at a time. Stacked, the MLP's first
+weight is 6 MiB at K = 16, and each of AdamW's seven elementwise passes over it (and its gradient
+and two moments) then streams from memory; a member at a time (384 KiB), all seven run in L2."""
+
+
+def _member_chunks(t: torch.Tensor) -> list[slice]:
+    """Slices of the member dimension of ``t`` that are each about CHUNK_BYTES or one member."""
+    size = max(1, CHUNK_BYTES // max(1, t[0].numel() * t.element_size()))
+    return [slice(i, i + size) for i in range(0, len(t), size)]
+
+
 def adamw_step(theta: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], m: dict[str, torch.Tensor],
-               v: dict[str, torch.Tensor], step: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
+               v: dict[str, torch.Tensor], step: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor,
+               grad_coef: torch.Tensor | None = None) -> None:
     """One AdamW step per member, in place: torch.optim.AdamW's update with betas (0.9, 0.999),
     eps 1e-8, and each member's own lr, weight decay and step count t (already incremented):
 
-        theta <- theta (1 - lr wd);  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2
+        g <- c g (c: the clipping coefficient, ``grad_coef``);  theta <- theta (1 - lr wd)
+        m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2
         theta <- theta - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)"""
     (b1, b2), t = BETAS, step.double()
     step_size = (lr.double() / (1 - b1**t)).float()
     bc2_sqrt = (1 - b2**t).sqrt().float()
+    decay = 1 - lr * weight_decay
     with torch.no_grad():
-        for name, p in theta.items():
-            g = grads[name]
-            p.mul_(_per_row(1 - lr * weight_decay, p))
-            m[name].lerp_(g, 1 - b1)
-            v[name].mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v[name].sqrt() / _per_row(bc2_sqrt, p)).add_(ADAM_EPS)
-            p.addcdiv_(m[name] * _per_row(step_size, p), denom, value=-1.0)
+        for name, theta_n in theta.items():
+            for c in _member_chunks(theta_n):
+                p, g, m_c, v_c = theta_n[c], grads[name][c], m[name][c], v[name][c]
+                if grad_coef is not None:
+                    g.mul_(_per_row(grad_coef[c], g).to(g.dtype))
+                p.mul_(_per_row(decay[c], p))
+                m_c.lerp_(g, 1 - b1)
+                v_c.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v_c.sqrt() / _per_row(bc2_sqrt[c], p)).add_(ADAM_EPS)
+                p.addcdiv_(m_c * _per_row(step_size[c], p), denom, value=-1.0)
 
 
-def clip_per_member(grads: dict[str, torch.Tensor], max_norm: torch.Tensor) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ per member, in place; returns each member's norm before clipping."""
-    norm = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads.values()]).sum(0).sqrt()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads.values():
-        g.mul_(_per_row(coef, g).to(g.dtype))
-    return norm
+def clip_coefficients(grads: dict[str, torch.Tensor], max_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.nn.utils.clip_grad_norm_ per member: (each member's gradient norm before clipping, the
+    factor min(1, max_norm / (norm + 1e-6)) that ``adamw_step`` scales its gradient by). As
+    clip_grad_norm_, the norm of the per-tensor norms."""
+    per_tensor = torch.stack([torch.linalg.vector_norm(g.float().flatten(1), dim=1) for g in grads.values()])
+    norm = torch.linalg.vector_norm(per_tensor, dim=0)
+    return norm, (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 # -- members and the pack ---------------------------------------------------------------------
@@ -261,7 +297,8 @@ class Pack:
                     m[n], v[n] = s["exp_avg"].clone(), s["exp_avg_sq"].clone()
             step = int(state["step"])
         member.step = step
-        new = {n: p.detach().clone() for n, p in student.head.named_parameters()}
+        new = {n: to_pack_layout(p.detach().clone()) for n, p in student.head.named_parameters()}
+        m, v = ({n: to_pack_layout(t) for n, t in d.items()} for d in (m, v))
         cat = lambda old, n, t: torch.cat([old[n], t.unsqueeze(0)]) if old else t.unsqueeze(0)  # noqa: E731
         self.theta = {n: cat(self.theta, n, new[n]) for n in names}
         self.m = {n: cat(self.m, n, m[n]) for n in names}
@@ -285,11 +322,12 @@ class Pack:
         student, opt = self._solo(config)
         with torch.no_grad():
             for n, p in student.head.named_parameters():
-                p.copy_(self.theta[n][i])
+                p.copy_(to_pack_layout(self.theta[n][i]))
         if int(self.adam_steps[i]) > 0:
             for n, p in student.head.named_parameters():
-                opt.state[p] = {"step": torch.tensor(float(self.adam_steps[i])), "exp_avg": self.m[n][i].clone(),
-                                "exp_avg_sq": self.v[n][i].clone()}
+                opt.state[p] = {"step": torch.tensor(float(self.adam_steps[i])),
+                                "exp_avg": to_pack_layout(self.m[n][i]).clone(),
+                                "exp_avg_sq": to_pack_layout(self.v[n][i]).clone()}
         return student, opt
 
     # the step -----------------------------------------------------------------------------------
@@ -329,9 +367,9 @@ class Pack:
                                 cfg0.kd_direction, gens)
         values = torch.stack([t.detach().double() for t in out.values()], 1)  # [K, 4]
         grads = dict(zip(theta, torch.autograd.grad(out["loss"].sum(), list(theta.values()))))
-        norms = clip_per_member(grads, s["clip"])
+        norms, coef = clip_coefficients(grads, s["clip"])
         adam_steps = self.adam_steps[index] + 1
-        adamw_step(theta, grads, m1, m2, adam_steps, s["lr"], s["weight_decay"])
+        adamw_step(theta, grads, m1, m2, adam_steps, s["lr"], s["weight_decay"], coef)
         if whole:  # updated in place
             self.theta = {n: p.detach() for n, p in theta.items()}
         else:
