@@ -14,7 +14,9 @@ baseline and every hypervolume is on the same box.
 
 Rows 8a-8b first take the service away: the trainer alone, one thread, CPU time per trial of a
 pack of 16 (``train_packed``) against the same 16 configs trained one by one (``train_loop``), for
-the default head and for a linear head: what vectorising buys before any service cost.
+the default head and for a linear head: what vectorising buys before any service cost. Between
+them, the ceiling: a default trial's FLOPs (``FlopCounterMode``) at this core's fp32 matmul rate,
+the least CPU a trial can cost however it is packed, so solo / floor bounds every packed ratio here.
 
 CPU-seconds = the driver process's own CPU time + the last-seen CPU time of every descendant
 (Ray's system processes, trial actors, the pack runner), sampled each second from a separate
@@ -147,6 +149,40 @@ def trainer_only(smoke: bool, work: Path, steps: int, size: int, head: dict | No
     return (time.process_time() - t) / size, solo, f"{c.head} head" + (f", hidden {c.head_hidden}" if c.head == "mlp" else "")
 
 
+def ceiling(smoke: bool, work: Path, steps: int) -> tuple[float, float, float]:
+    """The least CPU a trial can cost on this core, packed or not: (its FLOPs, counted by
+    ``FlopCounterMode`` over one solo ``train_loop`` of the default head, training and evaluation;
+    this core's fp32 matmul rate, one thread, on a product far larger than any of a trial's, in
+    FLOP per CPU-second; their quotient, in CPU-seconds). Packing changes how the work is issued,
+    never how much of it there is, so a trial's solo CPU time over this floor bounds what any pack
+    can reach here."""
+    import random
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.common import noop_report, train_config
+    from trainable.loop import prepare_artifacts, train_loop
+
+    torch.set_num_threads(1)
+    rng = random.Random(0)  # the first of trainer_only's configs: every loss term switched on
+    config = train_config(smoke, work, budget_steps=steps, checkpoint_every=steps, seed=0,
+                          distill_weight=rng.uniform(0.1, 5), epsilon=rng.uniform(0, 0.2), alpha=rng.random(),
+                          lambda_reg=10 ** rng.uniform(-4, 0))
+    art = prepare_artifacts(config)
+    with FlopCounterMode(display=False) as counter:
+        train_loop(config, noop_report, artifacts=art)
+    flops = counter.get_total_flops()
+    a, b = torch.randn(1024, 384), torch.randn(384, 4096)
+    for _ in range(3):
+        a @ b
+    reps, t = 20, time.process_time()
+    for _ in range(reps):
+        a @ b
+    rate = reps * 2 * 1024 * 384 * 4096 / (time.process_time() - t)
+    return flops, rate, flops / rate
+
+
 def run(smoke: bool, work: Path) -> list[Row]:
     trials, budgets, packs, seeds = (6, (8,), (2,), (0,)) if smoke else (32, (100, 400), (8, 16, 32), (0, 1, 2))
     aimed = 2 if smoke else 16  # the pack the target and the hypervolume comparison are about
@@ -157,6 +193,15 @@ def run(smoke: bool, work: Path) -> list[Row]:
                         f"{aimed} configs one by one ({budgets[0]} steps, {what}, one thread, no service)", 1 / packed,
                         "trials/CPU-s", 1 / solo, "train_loop, one at a time",
                         note=f"{1e3 * packed:.0f} ms vs {1e3 * solo:.0f} ms of CPU per trial"))
+        if head is None:  # the default head: how far any pack could go on this core
+            flops, rate, floor = ceiling(smoke, work, budgets[0])
+            rows.append(row(8, f"8{next(keys)}", f"the ceiling on this core: trials per CPU-second if every FLOP of a "
+                            f"trial ran at this core's fp32 matmul rate / the same configs one by one ({what})",
+                            1 / floor, "trials/CPU-s", 1 / solo, "train_loop, one at a time",
+                            target="" if smoke else f">= {TARGET:g}x for the target to be reachable",
+                            met=None if smoke else solo / floor >= TARGET,
+                            note=f"{flops / 1e9:.3g} GFLOP per trial at {rate / 1e9:.0f} GFLOP/s = {1e3 * floor:.0f} "
+                                 f"ms of CPU, against {1e3 * solo:.0f} ms one by one and {1e3 * packed:.0f} ms packed"))
     references = {steps: baseline_reference(smoke, work, steps) for steps in budgets}
     hv: dict[int, list[float]] = {1: [], aimed: []}
 

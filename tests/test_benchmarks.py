@@ -16,7 +16,7 @@ ROWS = {
     5: ["5a", "5b", "5c", "5d", "5e", "5f"],  # 5f: the 1,000-trial sweep (a few trials in the smoke run)
     6: ["6a", "6b", "6c"],
     7: ["7a", "7b"],  # early stopping, MO-ASHA vs FIFO
-    8: ["8a", "8b", "8c"],  # packed: the trainer alone, through the sweep (pack 2 in the smoke run), hypervolume
+    8: ["8a", "8b", "8c", "8d"],  # packed: the trainer alone, its ceiling, through the sweep (pack 2 in the smoke run), hypervolume
 }
 
 
