@@ -24,10 +24,12 @@ How a member moves:
   Ctrl-C: ``tune.report`` raises SystemExit inside the relay), the member is dropped.
 Checkpoints travel as file contents, so a trial on another node than its runner still gets them.
 
-What it costs (benchmarks/packed.py, 2 CPU cores): every trial in flight is a relay process with
-its own MLflow run and Tune bookkeeping, and the default MLP head is compute-bound (178 MFLOP a
-step), so here a pack of 16 ran at 0.44x unpacked's trials per CPU-second. Packing pays where one
-head leaves the device idle: tiny heads (the trainer alone, linear: 3x) and GPUs.
+What it costs (benchmarks/packed.py, 2 CPU cores): every trial in flight is a relay process (a
+Ray worker: ~3 CPU-s to start and relay, mostly importing Ray Tune and MLflow) with its own MLflow
+run and Tune bookkeeping, and the default MLP head is compute-bound: a 100-step trial is 20.1 GFLOP
+of matmuls, which bounds any pack at 2.13x on one of these cores (row 8b). Here a pack of 16 ran at
+0.48x unpacked's trials per CPU-second; the trainer alone at 1.13x (linear heads: 2.45x). Packing
+pays where one head leaves the device idle: GPUs, and tiny heads once the per-trial service is cheaper.
 """
 
 from __future__ import annotations
