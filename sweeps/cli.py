@@ -300,7 +300,52 @@ def ui(
         print(f"Pareto view of the latest sweep: {view}", flush=True)
     # No background job runners: they are separate processes that outlive a killed server.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    os.execv(cmd[0], cmd)
+    raise typer.Exit(_serve(cmd))
+
+
+def _serve(cmd: list[str]) -> int:
+    """Run the MLflow server until it exits or this command is told to stop; returns the exit code.
+
+    ``mlflow server`` runs uvicorn as a child of its own, which outlives its parent when a closed
+    terminal's SIGHUP reaches only the parent (seen in tmux: kill-session left uvicorn serving).
+    So the server gets a process group of its own, and Ctrl-C, SIGTERM and SIGHUP all stop that
+    whole group: SIGTERM first, SIGKILL for whatever is left after 10 s."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    server = subprocess.Popen(cmd, start_new_session=True)
+    received: list[int] = []
+
+    def stop(signum: int, _frame) -> None:
+        received.append(signum)
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        rc = server.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline + 1:  # uvicorn may still be shutting down after mlflow has exited
+            try:  # (bounded: an unreaped zombie would answer signal 0 forever)
+                os.killpg(server.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not received:
+        return rc
+    why = "interrupted" if received[0] == signal.SIGINT else signal.Signals(received[0]).name
+    try:
+        print(f"{why}: the MLflow server and its workers stopped", file=sys.stderr, flush=True)
+    except OSError:  # SIGHUP: the terminal is gone
+        pass
+    return 128 + received[0]
 
 
 @data_app.command("prepare")

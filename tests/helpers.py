@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import select
 import random
 import shutil
 import sqlite3
@@ -96,11 +97,14 @@ class Terminal:
             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
         os.close(slave)
         self._chunks: list[bytes] = []
+        self._closing = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        while True:
+        while not self._closing:  # select first: a read blocked on the master would keep it open past hang_up
+            if not select.select([self.master], [], [], 0.2)[0]:
+                continue
             try:
                 data = os.read(self.master, 65536)
             except OSError:  # EIO: every process holding the pty is gone
@@ -116,12 +120,21 @@ class Terminal:
     def press_ctrl_c(self) -> None:
         os.write(self.master, b"\x03")
 
+    def hang_up(self) -> None:
+        """Close the terminal, as closing its window or tmux kill-session does: the kernel sends
+        SIGHUP to the session's foreground process group."""
+        self._closing = True
+        self._reader.join(timeout=5)
+        os.close(self.master)
+        self.master = -1
+
     def wait(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout=timeout)
         finally:
             self._reader.join(timeout=5)
-            os.close(self.master)
+            if self.master >= 0:
+                os.close(self.master)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

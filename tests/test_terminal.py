@@ -4,11 +4,15 @@ CLI's controlling tty), with Ctrl-C pressed on it, and `--resume` afterwards.
 Ctrl-C here is the byte 0x03 written to the terminal: the tty sends SIGINT to the whole
 foreground process group, the CLI and every Ray process it started, as a keyboard does."""
 
+import json
 import re
+import socket
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -126,3 +130,44 @@ def test_ctrl_c_while_preparing_exits_at_once_and_logs_nothing(tmp_path, tiny_ba
     assert "interrupted while preparing shared artifacts; nothing was logged" in screen
     assert "Traceback" not in screen and "Stack trace" not in screen and "Aborted" not in screen
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache" / "teacher").exists()
+
+
+def _serving(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5",
+                                    timeout=2) as resp:
+            return "experiments" in json.load(resp)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "hang up"])
+def test_ui_stops_with_every_server_process_on_ctrl_c_and_when_its_terminal_closes(tmp_path, how):
+    """`alignsweep ui` runs `mlflow server`, which runs uvicorn and its workers. Closing the terminal
+    (tmux kill-session) used to stop mlflow only and leave uvicorn serving the port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    term = Terminal([str(BIN), "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                    cwd=tmp_path)
+    server: list[psutil.Process] = []
+    try:
+        assert wait_for(lambda: _serving(port) or term.proc.poll() is not None, timeout=120), term.output[-2000:]
+        assert term.proc.poll() is None, term.output[-2000:]
+        server = psutil.Process(term.proc.pid).children(recursive=True)
+        assert any("uvicorn" in " ".join(p.cmdline()) for p in server), [p.cmdline() for p in server]
+        if how == "ctrl-c":
+            term.press_ctrl_c()
+            assert term.wait(timeout=60) == 130
+            assert "interrupted: the MLflow server and its workers stopped" in term.output
+        else:
+            term.hang_up()
+            term.wait(timeout=60)
+        alive = lambda: [p for p in server if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # noqa: E731
+        assert wait_for(lambda: not alive(), timeout=30), [p.cmdline() for p in alive()]
+        assert not _serving(port)
+    finally:
+        term.kill()
+        for p in server:
+            if p.is_running():
+                p.kill()
