@@ -187,13 +187,13 @@ def check_pack(fields: dict, art, device: str, steps: int, size: int = 16) -> No
     """A pack of ``size`` heads (trainable/packed.py) against the same configs trained alone, on one device."""
     import random
 
+    from benchmarks.packed import random_knobs
     from trainable.loop import train_loop
     from trainable.packed import Member, train_packed
 
     rng = random.Random(0)
-    configs = [config(fields, device=device, budget_steps=steps, checkpoint_every=steps, seed=i,
-                      distill_weight=rng.uniform(0.1, 5), epsilon=rng.uniform(0, 0.2), alpha=rng.random(),
-                      lambda_reg=10 ** rng.uniform(-4, 0)) for i in range(size)]
+    configs = [config(fields, device=device, budget_steps=steps, checkpoint_every=steps, seed=i, **random_knobs(rng))
+               for i in range(size)]
     noop = lambda metrics, checkpoint=None: None  # noqa: E731
     solo_n = 4  # solo time per trial from a few of them
     sync(device)

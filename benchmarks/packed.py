@@ -119,13 +119,22 @@ def baseline_reference(smoke: bool, work: Path, steps: int) -> list[float]:
     return [final["kd_alignment"], final["noise_robustness"]]
 
 
-def trainer_only(smoke: bool, work: Path, steps: int, size: int, head: dict | None = None) -> tuple[float, float, str]:
+def random_knobs(rng) -> dict:
+    """The pareto space's four searched scalars, drawn at random: every loss term switched on."""
+    return {"distill_weight": rng.uniform(0.1, 5), "epsilon": rng.uniform(0, 0.2), "alpha": rng.random(),
+            "lambda_reg": 10 ** rng.uniform(-4, 0)}
+
+
+def trainer_only(smoke: bool, work: Path, steps: int, size: int,
+                 head: dict | None = None) -> tuple[float, float, str, float]:
     """CPU seconds per trial of the trainer alone, one thread: (``size`` members in one
-    ``train_packed``, the same configs by ``train_loop`` one at a time, the head), on the cached
-    artifacts, after one untimed run of each (first-call set-up)."""
+    ``train_packed``, the same configs by ``train_loop`` one at a time, the head, one trial's FLOPs),
+    on the cached artifacts, after one untimed run of each (first-call set-up). The FLOPs are
+    counted by ``FlopCounterMode`` over that untimed solo run, training and evaluation."""
     import random
 
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.common import noop_report, train_config
     from trainable.loop import prepare_artifacts, train_loop
@@ -133,11 +142,11 @@ def trainer_only(smoke: bool, work: Path, steps: int, size: int, head: dict | No
 
     torch.set_num_threads(1)
     rng = random.Random(0)
-    configs = [train_config(smoke, work, budget_steps=steps, checkpoint_every=steps, seed=i,
-                            distill_weight=rng.uniform(0.1, 5), epsilon=rng.uniform(0, 0.2), alpha=rng.random(),
-                            lambda_reg=10 ** rng.uniform(-4, 0), **(head or {})) for i in range(size)]
+    configs = [train_config(smoke, work, budget_steps=steps, checkpoint_every=steps, seed=i, **random_knobs(rng),
+                            **(head or {})) for i in range(size)]
     art = prepare_artifacts(configs[0])
-    train_loop(configs[0], noop_report, artifacts=art)
+    with FlopCounterMode(display=False) as counter:
+        train_loop(configs[0], noop_report, artifacts=art)
     train_packed([Member(configs[0], noop_report)], art)
     t = time.process_time()
     for cfg in configs:
@@ -146,41 +155,23 @@ def trainer_only(smoke: bool, work: Path, steps: int, size: int, head: dict | No
     t = time.process_time()
     train_packed([Member(c, noop_report, name=f"m{i}") for i, c in enumerate(configs)], art)
     c = configs[0]
-    return (time.process_time() - t) / size, solo, f"{c.head} head" + (f", hidden {c.head_hidden}" if c.head == "mlp" else "")
+    what = f"{c.head} head" + (f", hidden {c.head_hidden}" if c.head == "mlp" else "")
+    return (time.process_time() - t) / size, solo, what, counter.get_total_flops()
 
 
-def ceiling(smoke: bool, work: Path, steps: int) -> tuple[float, float, float]:
-    """The least CPU a trial can cost on this core, packed or not: (its FLOPs, counted by
-    ``FlopCounterMode`` over one solo ``train_loop`` of the default head, training and evaluation;
-    this core's fp32 matmul rate, one thread, on a product far larger than any of a trial's, in
-    FLOP per CPU-second; their quotient, in CPU-seconds). Packing changes how the work is issued,
-    never how much of it there is, so a trial's solo CPU time over this floor bounds what any pack
-    can reach here."""
-    import random
-
+def matmul_rate() -> float:
+    """This core's fp32 matmul rate, one thread, in FLOP per CPU-second, on a product far larger
+    than any of a trial's (the rate is the same at the head's own shapes, batched or not)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from benchmarks.common import noop_report, train_config
-    from trainable.loop import prepare_artifacts, train_loop
 
     torch.set_num_threads(1)
-    rng = random.Random(0)  # the first of trainer_only's configs: every loss term switched on
-    config = train_config(smoke, work, budget_steps=steps, checkpoint_every=steps, seed=0,
-                          distill_weight=rng.uniform(0.1, 5), epsilon=rng.uniform(0, 0.2), alpha=rng.random(),
-                          lambda_reg=10 ** rng.uniform(-4, 0))
-    art = prepare_artifacts(config)
-    with FlopCounterMode(display=False) as counter:
-        train_loop(config, noop_report, artifacts=art)
-    flops = counter.get_total_flops()
     a, b = torch.randn(1024, 384), torch.randn(384, 4096)
     for _ in range(3):
         a @ b
     reps, t = 20, time.process_time()
     for _ in range(reps):
         a @ b
-    rate = reps * 2 * 1024 * 384 * 4096 / (time.process_time() - t)
-    return flops, rate, flops / rate
+    return reps * 2 * 1024 * 384 * 4096 / (time.process_time() - t)
 
 
 def run(smoke: bool, work: Path) -> list[Row]:
@@ -188,13 +179,15 @@ def run(smoke: bool, work: Path) -> list[Row]:
     aimed = 2 if smoke else 16  # the pack the target and the hypervolume comparison are about
     rows, keys = [], iter("abcdefghijklmnop")
     for head in [None] + ([] if smoke else [{"head": "linear"}]):
-        packed, solo, what = trainer_only(smoke, work, budgets[0], aimed, head)
+        packed, solo, what, flops = trainer_only(smoke, work, budgets[0], aimed, head)
         rows.append(row(8, f"8{next(keys)}", f"the trainer alone: trials per CPU-second, a pack of {aimed} / the same "
                         f"{aimed} configs one by one ({budgets[0]} steps, {what}, one thread, no service)", 1 / packed,
                         "trials/CPU-s", 1 / solo, "train_loop, one at a time",
                         note=f"{1e3 * packed:.0f} ms vs {1e3 * solo:.0f} ms of CPU per trial"))
-        if head is None:  # the default head: how far any pack could go on this core
-            flops, rate, floor = ceiling(smoke, work, budgets[0])
+        if head is None:  # the default head: how far any pack could go on this core. Packing changes how
+            # a trial's work is issued, never how much there is: no trial costs less than its FLOPs at this rate
+            rate = matmul_rate()
+            floor = flops / rate
             rows.append(row(8, f"8{next(keys)}", f"the ceiling on this core: trials per CPU-second if every FLOP of a "
                             f"trial ran at this core's fp32 matmul rate / the same configs one by one ({what})",
                             1 / floor, "trials/CPU-s", 1 / solo, "train_loop, one at a time",

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -28,6 +27,7 @@ import yaml
 
 from sweeps.searcher import JOURNAL, study_storage
 from tests.helpers import wait_for
+from tests.test_submit import free_port
 from tests.test_sweep import BIN, write_spec
 
 pytestmark = pytest.mark.slow
@@ -35,12 +35,6 @@ pytestmark = pytest.mark.slow
 DASHBOARD = BIN.parent / "optuna-dashboard"
 NAME = "live"
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(base: str, route: str) -> dict:
@@ -118,7 +112,7 @@ def test_optuna_dashboard_reads_a_running_sweeps_journal(tmp_path, tiny_backbone
         assert wait_for(lambda: _journal_trials(journal) or sweep.poll() is not None, timeout=400), "no trial"
         assert sweep.poll() is None, "the sweep ended before the dashboard started\n" + (tmp_path / "sweep.log").read_text()[-3000:]
 
-        port = _free_port()
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
         dash_log = (tmp_path / "dashboard.log").open("w")
         dash = subprocess.Popen([str(DASHBOARD), "--host", "127.0.0.1", "--port", str(port), str(journal)],

@@ -5,7 +5,6 @@ store at once corrupted it (`table _alembic_tmp_experiments already exists`) and
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_submit import free_port
 from tests.test_sweep import runs_of, sweep, write_spec
 
 BIN = Path(sys.executable).parent / "alignsweep"
@@ -37,12 +37,6 @@ print("READS", reads, "ERRORS", errors, flush=True)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_readers_and_the_ui_opening_a_fresh_store_during_a_sweep(tmp_path, tiny_backbone, toy_csv):
     db = tmp_path / "mlflow.db"
@@ -50,7 +44,7 @@ def test_readers_and_the_ui_opening_a_fresh_store_during_a_sweep(tmp_path, tiny_
     stop = tmp_path / "stop"
     readers = [subprocess.Popen([sys.executable, "-c", READER, uri, str(stop)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen([str(BIN), "ui", "--port", str(port), "--tracking-uri", uri], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

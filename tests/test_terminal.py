@@ -6,7 +6,6 @@ foreground process group, the CLI and every Ray process it started, as a keyboar
 
 import json
 import re
-import socket
 import sys
 import time
 import urllib.request
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from tests.helpers import Terminal, assert_study_agrees_with_mlflow, children_with_status, wait_for
+from tests.test_submit import free_port
 from tests.test_sweep import OBJ, runs_of, sweep, write_spec
 
 BIN = Path(sys.executable).parent / "alignsweep"
@@ -145,9 +145,7 @@ def _serving(port: int) -> bool:
 def test_ui_stops_with_every_server_process_on_ctrl_c_and_when_its_terminal_closes(tmp_path, how):
     """`alignsweep ui` runs `mlflow server`, which runs uvicorn and its workers. Closing the terminal
     (tmux kill-session) used to stop mlflow only and leave uvicorn serving the port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     term = Terminal([str(BIN), "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
                     cwd=tmp_path)
     server: list[psutil.Process] = []
