@@ -165,8 +165,9 @@ def packed_losses(theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tens
     if bool((lam > 0).any()):
         params = list(theta.values())
         grads = torch.autograd.grad(l_nr.sum(), params, create_graph=True)
-        # ||g||^2 as the square of the norm: its backward is one pass over g (g * 2), where pow(2)'s
-        # takes three over the largest, weight-sized gradient
+        # ||g||^2 as the square of the norm: its forward reads g without a weight-sized temporary and
+        # its backward makes two passes over g (g / ||g||, times the upstream); pow(2) made a
+        # temporary and three backward passes over the largest, weight-sized gradient (profiled)
         penalty = sum(torch.linalg.vector_norm(g.float().flatten(1), dim=1).square() for g in grads)
         l_reg = lam * penalty
     return {"loss": l_kd + l_nr + l_reg, "l_kd": l_kd, "l_nr": l_nr, "l_reg": l_reg}
