@@ -84,6 +84,10 @@ def check_tracking_uri(uri: str, reach: bool = True) -> None:
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.parent.exists():
             raise ConfigError(f"--tracking-uri: directory '{path.parent}' of the sqlite database does not exist")
+        if path.is_dir() or path.is_file() and path.stat().st_size and not _is_sqlite(path):
+            # MLflow would open it and fail deep inside SQLAlchemy ("file is not a database")
+            raise ConfigError(f"--tracking-uri: '{path}' exists and is not an SQLite database; give an MLflow "
+                              "sqlite store or a path that does not exist yet")
     elif parsed.scheme in ("http", "https") and not reach:
         pass
     elif parsed.scheme in ("http", "https"):
@@ -97,6 +101,11 @@ def check_tracking_uri(uri: str, reach: bool = True) -> None:
         pass
     else:
         raise ConfigError(f"--tracking-uri: unsupported scheme '{parsed.scheme}'; allowed: sqlite:///PATH, http(s)://HOST:PORT, postgresql://...")
+
+
+def _is_sqlite(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"  # every SQLite 3 database file begins so
 
 
 def artifact_root_for(uri: str) -> str | None:

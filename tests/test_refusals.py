@@ -181,6 +181,17 @@ def test_a_bad_scheduler_is_refused_naming_the_field(tmp_path, override, names):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("command", [["sweep", "pareto"], ["ui", "--port", "5999"], ["pareto"]])
+def test_a_tracking_uri_on_a_file_that_is_not_a_database_is_refused(tmp_path, command):
+    """A file the user did not make (here this README) given as the sqlite store: one line, the file untouched."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    store = tmp_path / "notes.db"
+    store.write_bytes(readme.read_bytes())
+    refused(cli(tmp_path, *command, "--tracking-uri", f"sqlite:///{store}"), "--tracking-uri", str(store),
+            "not an SQLite database")
+    assert store.read_bytes() == readme.read_bytes() and not (tmp_path / "runs").exists()
+
+
 def test_moasha_with_a_torch_trainer_trial_is_refused_with_the_reason(tmp_path):
     """A TorchTrainer trial only waits on fit(): nothing reports at a rung, so nothing could stop it."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
