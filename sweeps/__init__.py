@@ -24,5 +24,9 @@ os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 
+PREPARING_THREAD = "alignsweep-prepare"
+"""The daemon thread that builds a sweep's shared artifacts while Ray starts (sweeps.tune)."""
+
+
 class StartupError(RuntimeError):
     """Ray could not be started or reached: the CLI prints one line with a hint and exits 1."""

@@ -7,7 +7,10 @@ well under two seconds and leaves nothing behind.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -88,7 +91,6 @@ DEFAULT_TRACKING = "sqlite:///./mlflow.db"
 
 def _tracking(uri: str | None) -> str:
     """A relative sqlite path is made absolute: trial processes run in other working directories."""
-    import os
 
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -275,7 +277,6 @@ def ui(
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
 ) -> None:
     """Serve the MLflow UI on 127.0.0.1 over the sweep's backend store (Ctrl-C stops it)."""
-    import os
     import shutil
 
     uri = _tracking(tracking_uri)
@@ -310,7 +311,6 @@ def _serve(cmd: list[str]) -> int:
     terminal's SIGHUP reaches only the parent (seen in tmux: kill-session left uvicorn serving).
     So the server gets a process group of its own, and Ctrl-C, SIGTERM and SIGHUP all stop that
     whole group: SIGTERM first, SIGKILL for whatever is left after 10 s."""
-    import os
     import signal
     import subprocess
     import time
@@ -362,7 +362,33 @@ def data_prepare(name: Annotated[str, typer.Argument(help="safety | sentiment")]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ConfigError -> one line on stderr, exit 2; Ray start-up failure -> one line,
-    exit 1; Ctrl-C -> one line, exit 130; other failures exit 1 with their traceback."""
+    exit 1; Ctrl-C -> one line, exit 130; other failures exit 1 with their traceback.
+
+    A sweep refused once Ray is up (a trial that cannot fit the cluster) may still be preparing
+    its artifacts on a daemon thread. A normal exit kills that thread inside torch at interpreter
+    shutdown, which aborts the process with a C++ stack trace (exit -6, seen in CI), so the
+    process leaves by os._exit then: nothing is logged yet, and the cache is written atomically."""
+    try:
+        rc = _run(argv)
+    except BaseException:
+        if not _preparing():
+            raise
+        traceback.print_exc()
+        rc = 1
+    if _preparing():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _preparing() -> bool:
+    from sweeps import PREPARING_THREAD
+
+    return any(t.name == PREPARING_THREAD and t.is_alive() for t in threading.enumerate())
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
     except ConfigError as err:

@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sweeps import StartupError, tracking
+from sweeps import PREPARING_THREAD, StartupError, tracking
 from sweeps.front import SweepResult, finalize, references
 from sweeps.progress import SweepProgress
 from sweeps.searcher import (SWEEP_RECORD, SweepSearcher, SweepSearchGenerator, fail_orphaned_trials, journal_path,
@@ -181,6 +181,9 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, storage: str | None = None, ad
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt):
             interrupted_while_preparing()  # exits unless the preparation is done
+        # A refusal here (resources, runners) may leave the preparing thread running in torch:
+        # the CLI then leaves by os._exit (sweeps.cli.main). Shut Ray down first all the same:
+        # without it an embedded Ray's agents outlived the process by a minute.
         ray.shutdown()
         raise
     finally:
@@ -411,7 +414,7 @@ def _in_background(fn, *args) -> Future:
         except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
             future.set_exception(err)
 
-    threading.Thread(target=run, name="alignsweep-prepare", daemon=True).start()
+    threading.Thread(target=run, name=PREPARING_THREAD, daemon=True).start()
     return future
 
 

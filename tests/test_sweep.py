@@ -284,8 +284,12 @@ def test_bad_spec_exits_2_before_anything_is_written(tmp_path, tiny_backbone, to
 
 
 def test_trial_that_cannot_fit_the_cluster_exits_2_before_any_run(tmp_path, tiny_backbone, toy_csv):
-    """Tune would wait for resources forever: refused once the embedded Ray reports what it has."""
-    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="toobig", resources={"cpus_per_worker": 4096})
+    """Tune would wait for resources forever: refused once the embedded Ray reports what it has.
+    The refusal lands while the plain-CE baseline still trains on the preparing thread (20,000
+    steps): exiting beside it used to kill that thread inside torch and abort (exit -6, seen in CI)."""
+    train = yaml.safe_load(write_spec(tmp_path, tiny_backbone, toy_csv).read_text())["train"]
+    spec = write_spec(tmp_path, tiny_backbone, toy_csv, name="toobig", resources={"cpus_per_worker": 4096},
+                      train={**train, "budget_steps": 20_000})
     out, uri = sweep(tmp_path, spec, timeout=300)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]  # Ray and MLflow log their start-up above it
