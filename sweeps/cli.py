@@ -15,10 +15,23 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from trainable.config import ConfigError, load_train_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _Interrupted(Exception):
+    """A Ctrl-C inside a command, carried past Typer to main(), which says so."""
+
+
+class _Commands(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:  # Typer would turn it into Exit(130) and print an empty line
+            raise _Interrupted from err
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hyperparameter sweeps for secure-alignment fine-tuning on Ray Tune, Optuna and MLflow.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets.")
 app.add_typer(data_app, name="data")
@@ -396,7 +409,7 @@ def _run(argv: list[str] | None) -> int:
         return 2
     except typer.Exit as exit_:
         return exit_.exit_code
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt, _Interrupted):
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # usage errors (typer's own click) carry their own exit code (2)

@@ -132,6 +132,20 @@ def test_ctrl_c_while_preparing_exits_at_once_and_logs_nothing(tmp_path, tiny_ba
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache" / "teacher").exists()
 
 
+def test_ctrl_c_during_train_says_interrupted(tmp_path, tiny_backbone, toy_csv):
+    """`alignsweep train` stopped by Ctrl-C while its teacher trains: one line and exit 130. Typer
+    turns the KeyboardInterrupt into a bare Exit(130), which printed nothing but an empty line."""
+    term = Terminal([str(BIN), "train", "--set", f"backbone={tiny_backbone}", "--set", f"data.name={toy_csv}",
+                     "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "teacher.epochs=2000"], cwd=tmp_path)
+    assert wait_for(lambda: (tmp_path / "cache" / "features").exists(), timeout=120)  # the teacher is next
+    term.press_ctrl_c()
+    rc = term.wait(timeout=30)
+    screen = term.output
+    assert rc == 130, screen[-3000:]
+    assert screen.strip().splitlines()[-1].replace("^C", "").strip() == "interrupted", screen[-3000:]  # tty echo
+    assert "Traceback" not in screen
+
+
 def _serving(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5",
