@@ -17,7 +17,9 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from sweeps import PREPARING_THREAD
 from trainable.config import ConfigError, load_train_config
+
 
 class _Interrupted(Exception):
     """A Ctrl-C inside a command, carried past Typer to main(), which says so."""
@@ -104,7 +106,6 @@ DEFAULT_TRACKING = "sqlite:///./mlflow.db"
 
 def _tracking(uri: str | None) -> str:
     """A relative sqlite path is made absolute: trial processes run in other working directories."""
-
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
@@ -396,8 +397,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _preparing() -> bool:
-    from sweeps import PREPARING_THREAD
-
     return any(t.name == PREPARING_THREAD and t.is_alive() for t in threading.enumerate())
 
 
